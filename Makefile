@@ -1,0 +1,46 @@
+# Two commands: `make demo` and `make test`. Everything else is set-up they share.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR := $(CURDIR)/.demo
+
+.PHONY: demo demo-stop test unit integration lint bench sysdeps deps guest clean
+
+demo: sysdeps deps guest
+	@DEMO_DIR=$(DEMO_DIR) BIN=$(BIN) ./scripts/demo.sh
+
+demo-stop:
+	@DEMO_DIR=$(DEMO_DIR) BIN=$(BIN) ./scripts/demo.sh stop
+
+test: sysdeps deps guest lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+unit: deps
+	$(BIN)/pytest -q tests/unit tests/contract
+
+integration: sysdeps deps guest
+	$(BIN)/pytest -q tests/integration
+
+lint: deps
+	$(BIN)/ruff check src tests bench
+
+bench: sysdeps deps guest
+	$(BIN)/python bench/lifecycle.py
+
+sysdeps:
+	@./scripts/install-system-deps.sh
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+guest: deps
+	@$(BIN)/stoker guest build
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis $(DEMO_DIR)

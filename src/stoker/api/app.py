@@ -1,0 +1,57 @@
+"""Builds the FastAPI application around a running set of services."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from stoker import __version__
+from stoker.api import events, problems, quotas, resources, schedules, snapshots, vms
+from stoker.api.problems import PROBLEM
+from stoker.services.container import Services
+
+
+def create_app(services: Services, token: str | None = None) -> FastAPI:
+    """One app per listener: the Unix socket needs no token, TCP requires ``token``."""
+    app = FastAPI(
+        title="stoker",
+        version=__version__,
+        description="Node agent that keeps microVMs alive.",
+    )
+    app.state.services = services
+    problems.install(app)
+    # fixed paths such as /api/v1/vms/metrics go before /api/v1/vms/{ref}
+    routers = (events, resources, quotas, snapshots, schedules, vms)
+    for router in (module.router for module in routers):
+        app.include_router(router)
+
+    @app.get("/api/v1/version", tags=["agent"])
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    if token is not None:
+
+        @app.middleware("http")
+        async def require_token(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse(
+                    {
+                        "type": "about:blank",
+                        "title": "Unauthorized",
+                        "status": 401,
+                        "detail": "this listener needs 'Authorization: Bearer <token>' "
+                        "with the agent's API token",
+                    },
+                    status_code=401,
+                    media_type=PROBLEM,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await call_next(request)
+
+    return app

@@ -1,0 +1,118 @@
+"""Errors as RFC 9457 problem+json, with a message a person can act on.
+
+Every route declares these answers so the OpenAPI document tells clients (and schemathesis)
+the truth about them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stoker.domain.states import IllegalAction
+from stoker.services.errors import ServiceError
+
+PROBLEM = "application/problem+json"
+
+log = logging.getLogger("stoker.api")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+    current_state: str | None = None
+    allowed_actions: list[str] | None = None
+
+
+def _problem_response(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _content(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "model": Problem,
+        "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
+#: Declared on every router: what can go wrong, as problem+json.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _content("Malformed request (for example, a body that is not JSON)"),
+    401: _content("Missing or wrong bearer token (TCP listener only)"),
+    404: _content("No such resource"),
+    409: _content("The request conflicts with the resource's current state"),
+    422: _content("The request is well-formed but names invalid values"),
+}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "body"
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return _problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(IllegalAction)
+    async def illegal_action(_: Request, exc: IllegalAction) -> JSONResponse:
+        return _problem_response(
+            409,
+            "Action not allowed in this state",
+            str(exc),
+            current_state=exc.current.value,
+            allowed_actions=[a.value for a in exc.allowed],
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            detail = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors)
+            return _problem_response(
+                400, "Malformed JSON", f"the request body is not valid JSON: {detail}"
+            )
+        fields = [{"field": _field(tuple(e["loc"])), "message": _clean(e["msg"])} for e in errors]
+        detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return _problem_response(422, "Invalid request", detail, errors=fields)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error while serving a request")
+        return _problem_response(
+            500, "Internal error", f"the agent failed unexpectedly ({type(exc).__name__}: {exc})"
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _problem_response(exc.status_code, str(exc.detail), str(exc.detail))

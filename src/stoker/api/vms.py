@@ -1,0 +1,124 @@
+"""/api/v1/vms: create, list, inspect and drive VMs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response, status
+
+from stoker.api.deps import services
+from stoker.api.problems import PROBLEM_RESPONSES
+from stoker.api.schemas import ConsoleOut, HealthOut, RestartRequest, StopRequest, VMOut
+from stoker.domain.spec import VMSpec
+from stoker.domain.states import VMState
+from stoker.services.container import Services
+from stoker.services.errors import InvalidSpec
+
+router = APIRouter(prefix="/api/v1/vms", tags=["vms"], responses=PROBLEM_RESPONSES)
+
+Svc = Annotated[Services, Depends(services)]
+Wait = Annotated[
+    bool, Query(description="wait until the VM has left starting/restarting (or the timeout)")
+]
+WaitTimeout = Annotated[float, Query(gt=0, le=3600, description="seconds to wait at most")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=VMOut)
+async def create_vm(spec: VMSpec, svc: Svc) -> VMOut:
+    """Register a VM in state pending; nothing is written if the spec is rejected."""
+    return VMOut.of(await svc.lifecycle.create(spec))
+
+
+@router.get("", response_model=list[VMOut])
+async def list_vms(
+    svc: Svc,
+    state: VMState | None = None,
+    label: Annotated[
+        list[str] | None, Query(description="key=value; repeat to require several")
+    ] = None,
+) -> list[VMOut]:
+    selectors = []
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidSpec("label", f"{item!r} is not key=value")
+        selectors.append((key, value))
+    vms = svc.lifecycle.vms.list(state)
+    return [VMOut.of(vm) for vm in vms if all(vm.spec.labels.get(k) == v for k, v in selectors)]
+
+
+@router.get("/{ref}", response_model=VMOut)
+async def get_vm(ref: str, svc: Svc) -> VMOut:
+    """A VM by id or name, with its state, why, since when, and recent transitions."""
+    return VMOut.of(svc.lifecycle.get(ref))
+
+
+@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_vm(
+    ref: str,
+    svc: Svc,
+    force: Annotated[bool, Query(description="kill a running VM first")] = False,
+) -> Response:
+    await svc.lifecycle.delete(ref, force=force)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{ref}/start", status_code=status.HTTP_202_ACCEPTED, response_model=VMOut)
+async def start_vm(ref: str, svc: Svc, wait: Wait = False, timeout_s: WaitTimeout = 300) -> VMOut:
+    vm = await svc.lifecycle.start(ref)
+    if wait:
+        vm = await svc.lifecycle.wait_settled(vm.id, timeout_s)
+    return VMOut.of(vm)
+
+
+@router.post("/{ref}/stop", response_model=VMOut)
+async def stop_vm(ref: str, svc: Svc, body: StopRequest | None = None) -> VMOut:
+    """Graceful by default: ACPI power-down, then force after the stop timeout."""
+    body = body or StopRequest()
+    return VMOut.of(await svc.lifecycle.stop(ref, graceful=body.graceful, timeout_s=body.timeout_s))
+
+
+@router.post("/{ref}/restart", status_code=status.HTTP_202_ACCEPTED, response_model=VMOut)
+async def restart_vm(
+    ref: str,
+    svc: Svc,
+    body: RestartRequest | None = None,
+    wait: Wait = False,
+    timeout_s: WaitTimeout = 300,
+) -> VMOut:
+    body = body or RestartRequest()
+    vm = await svc.lifecycle.restart(ref, graceful=body.graceful)
+    if wait:
+        vm = await svc.lifecycle.wait_settled(vm.id, timeout_s)
+    return VMOut.of(vm)
+
+
+@router.get("/{ref}/health", response_model=HealthOut)
+async def vm_health(ref: str, svc: Svc) -> HealthOut:
+    vm = svc.lifecycle.get(ref, 0)
+    health_service = svc.extra.get("health")
+    if health_service is not None:
+        return await health_service.report(vm)
+    vmm = await svc.lifecycle.vmm_liveness(vm.id)
+    healthy = vmm["process_alive"] and vmm["control_socket"] == "answering"
+    verdict = "healthy" if healthy else ("unhealthy" if vm.state == VMState.RUNNING else "unknown")
+    return HealthOut(vm=vm.name, state=vm.state, health=verdict, vmm=vmm)
+
+
+@router.get("/{ref}/console", response_model=ConsoleOut)
+async def vm_console(
+    ref: str,
+    svc: Svc,
+    bytes: Annotated[int, Query(ge=1, le=1_048_576, description="tail size")] = 16384,
+) -> ConsoleOut:
+    vm = svc.lifecycle.get(ref, 0)
+    path = svc.lifecycle.paths(vm.id).console
+    try:
+        with open(path, "rb") as console:
+            console.seek(0, 2)
+            size = console.tell()
+            console.seek(max(0, size - bytes))
+            data = console.read()
+    except FileNotFoundError:
+        data, size = b"", 0
+    return ConsoleOut(vm=vm.name, text=data.decode(errors="replace"), truncated=size > bytes)

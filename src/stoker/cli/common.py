@@ -1,0 +1,93 @@
+"""What every command shares: the client from global options, errors, and output."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from stoker.client import AgentUnreachable, Client, StokerError, dumps
+
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the raw JSON answer.")
+
+
+def client(ctx: typer.Context) -> Client:
+    obj = ctx.find_root().obj or {}
+    return Client(socket=obj.get("socket"), url=obj.get("url"), token=obj.get("token"))
+
+
+def handle_errors(fn: F) -> F:
+    """Turn agent errors into a clear message and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AgentUnreachable as exc:
+            err.print(f"[red]error:[/red] {exc.detail}", highlight=False)
+            raise typer.Exit(2) from None
+        except StokerError as exc:
+            err.print(f"[red]error:[/red] {exc.detail}", highlight=False)
+            for item in exc.body.get("errors") or []:
+                err.print(f"  - {item.get('field')}: {item.get('message')}", highlight=False)
+            if exc.body.get("allowed_actions") is not None:
+                allowed = ", ".join(exc.body["allowed_actions"]) or "none"
+                err.print(f"  allowed actions: {allowed}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(dumps(value) + "\n")
+
+
+def ago(text: str | None) -> str:
+    """'2026-11-21T06:30:00Z' -> '3m ago' for tables."""
+    if not text:
+        return "-"
+    then = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    seconds = (datetime.now(UTC) - then).total_seconds()
+    if seconds < 0:
+        return "in " + _span(-seconds)
+    return _span(seconds) + " ago"
+
+
+def _span(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h{(seconds % 3600) // 60:02.0f}m"
+    return f"{seconds // 86400:.0f}d"
+
+
+STATE_STYLE = {
+    "running": "green",
+    "starting": "yellow",
+    "restarting": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "pending": "cyan",
+    "error": "red",
+}
+
+
+def styled_state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"

@@ -1,0 +1,34 @@
+"""A VM as stoker knows it: the operator's spec plus what has happened to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from stoker.domain.spec import VMSpec
+from stoker.domain.states import VMState
+
+
+@dataclass(frozen=True)
+class Transition:
+    from_state: VMState | None
+    to_state: VMState
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class VM:
+    id: str
+    name: str
+    spec: VMSpec
+    state: VMState
+    state_reason: str
+    state_since: datetime
+    created_at: datetime
+    process: dict[str, Any] | None = None
+    restart_count: int = 0
+    last_restart_at: datetime | None = None
+    next_retry_at: datetime | None = None
+    transitions: tuple[Transition, ...] = field(default=())

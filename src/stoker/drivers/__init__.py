@@ -1,0 +1,1 @@
+"""Hypervisor drivers behind one protocol; they act, they never decide policy."""

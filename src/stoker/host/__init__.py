@@ -1,0 +1,1 @@
+"""What touches the host kernel: processes, pidfds, cgroups, tc, TAP devices, disk space."""

@@ -1,0 +1,1 @@
+"""Capabilities, one module each, wired together by the agent."""

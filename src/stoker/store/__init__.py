@@ -1,0 +1,1 @@
+"""The SQLite database: schema, migrations, queries. The only package with SQL in it."""

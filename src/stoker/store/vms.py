@@ -1,0 +1,152 @@
+"""VM rows and their state history."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime
+from typing import Any
+
+from stoker.domain.spec import VMSpec
+from stoker.domain.states import VMState
+from stoker.domain.vm import VM, Transition
+from stoker.store.db import Database, dumps, from_iso, to_iso
+
+
+class NameTaken(Exception):
+    pass
+
+
+class VMStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def insert(self, vm: VM) -> None:
+        try:
+            with self.db.write() as conn:
+                conn.execute(
+                    "INSERT INTO vms (id, name, spec, state, state_reason, state_since, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        vm.id,
+                        vm.name,
+                        vm.spec.model_dump_json(),
+                        vm.state.value,
+                        vm.state_reason,
+                        to_iso(vm.state_since),
+                        to_iso(vm.created_at),
+                    ),
+                )
+                conn.execute(
+                    "INSERT INTO transitions (vm_id, from_state, to_state, reason, at)"
+                    " VALUES (?, NULL, ?, ?, ?)",
+                    (vm.id, vm.state.value, vm.state_reason, to_iso(vm.state_since)),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise NameTaken(vm.name) from exc
+
+    def get(self, ref: str, *, with_transitions: int = 0) -> VM | None:
+        """Find a VM by id, else by name (both are accepted wherever a VM is named)."""
+        row = self.db.query_one("SELECT * FROM vms WHERE id = ?", (ref,)) or self.db.query_one(
+            "SELECT * FROM vms WHERE name = ?", (ref,)
+        )
+        if row is None:
+            return None
+        transitions = self.transitions(row["id"], with_transitions) if with_transitions else ()
+        return _vm(row, transitions)
+
+    def list(self, state: VMState | None = None) -> list[VM]:
+        if state is None:
+            rows = self.db.query("SELECT * FROM vms ORDER BY name")
+        else:
+            rows = self.db.query("SELECT * FROM vms WHERE state = ? ORDER BY name", (state.value,))
+        return [_vm(r) for r in rows]
+
+    def transitions(self, vm_id: str, limit: int = 20) -> tuple[Transition, ...]:
+        rows = self.db.query(
+            "SELECT * FROM transitions WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit)
+        )
+        return tuple(
+            Transition(
+                from_state=VMState(r["from_state"]) if r["from_state"] else None,
+                to_state=VMState(r["to_state"]),
+                reason=r["reason"],
+                at=from_iso(r["at"]),  # type: ignore[arg-type]
+            )
+            for r in rows
+        )
+
+    def compare_and_set_state(
+        self, vm_id: str, expected: VMState, new: VMState, reason: str, at: datetime
+    ) -> bool:
+        """Move ``vm_id`` from ``expected`` to ``new``; False if someone moved it first."""
+        with self.db.write() as conn:
+            cur = conn.execute(
+                "UPDATE vms SET state = ?, state_reason = ?, state_since = ?"
+                " WHERE id = ? AND state = ?",
+                (new.value, reason, to_iso(at), vm_id, expected.value),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(
+                "INSERT INTO transitions (vm_id, from_state, to_state, reason, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (vm_id, expected.value, new.value, reason, to_iso(at)),
+            )
+        return True
+
+    def set_process(self, vm_id: str, process: dict[str, Any] | None) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "UPDATE vms SET process = ? WHERE id = ?",
+                (dumps(process) if process is not None else None, vm_id),
+            )
+
+    def set_restart_info(
+        self,
+        vm_id: str,
+        count: int,
+        last_restart_at: datetime | None,
+        next_retry_at: datetime | None,
+    ) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "UPDATE vms SET restart_count = ?, last_restart_at = ?, next_retry_at = ?"
+                " WHERE id = ?",
+                (
+                    count,
+                    to_iso(last_restart_at) if last_restart_at else None,
+                    to_iso(next_retry_at) if next_retry_at else None,
+                    vm_id,
+                ),
+            )
+
+    def update_spec(self, vm_id: str, spec: VMSpec) -> None:
+        with self.db.write() as conn:
+            conn.execute("UPDATE vms SET spec = ? WHERE id = ?", (spec.model_dump_json(), vm_id))
+
+    def delete(self, vm_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM transitions WHERE vm_id = ?", (vm_id,))
+            conn.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    def count(self) -> int:
+        row = self.db.query_one("SELECT COUNT(*) FROM vms")
+        return int(row[0]) if row else 0
+
+
+def _vm(row: sqlite3.Row, transitions: tuple[Transition, ...] = ()) -> VM:
+    return VM(
+        id=row["id"],
+        name=row["name"],
+        spec=VMSpec.model_validate_json(row["spec"]),
+        state=VMState(row["state"]),
+        state_reason=row["state_reason"],
+        state_since=from_iso(row["state_since"]),  # type: ignore[arg-type]
+        created_at=from_iso(row["created_at"]),  # type: ignore[arg-type]
+        process=json.loads(row["process"]) if row["process"] else None,
+        restart_count=row["restart_count"],
+        last_restart_at=from_iso(row["last_restart_at"]),
+        next_retry_at=from_iso(row["next_retry_at"]),
+        transitions=transitions,
+    )
