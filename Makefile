@@ -26,7 +26,7 @@ lint: deps
 	$(BIN)/ruff check src tests bench
 
 bench: sysdeps deps guest
-	$(BIN)/python bench/lifecycle.py
+	$(BIN)/python -m bench.lifecycle
 
 sysdeps:
 	@./scripts/install-system-deps.sh

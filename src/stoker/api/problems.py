@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from stoker.domain.states import IllegalAction
 from stoker.services.errors import ServiceError
@@ -40,10 +41,16 @@ class Problem(BaseModel):
     allowed_actions: list[str] | None = None
 
 
-def _problem_response(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+def _problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     body.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def _content(description: str) -> dict[str, Any]:
@@ -77,6 +84,15 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 def _clean(message: str) -> str:
     return message.removeprefix("Value error, ")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
@@ -114,5 +130,9 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _problem_response(exc.status_code, str(exc.detail), str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; RFC 9110 wants all
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return _problem_response(exc.status_code, str(exc.detail), str(exc.detail), headers=headers)

@@ -120,7 +120,8 @@ class Lifecycle:
     async def set_state(self, vm_id: str, to: VMState, reason: str) -> VM:
         """Check the transition table, persist with reason and UTC time, publish an event."""
         vm = self._get(vm_id)
-        check_transition(vm.state, to)
+        if not (vm.state == to == S.ERROR):  # error -> error only restates why (give-up)
+            check_transition(vm.state, to)
         at = self.clock()
         if not self.vms.compare_and_set_state(vm_id, vm.state, to, reason, at):
             raise Conflict(f"{vm.name} changed state while {to.value} was being recorded; retry")
@@ -431,6 +432,22 @@ class Lifecycle:
     def _cleanup_files(self, vm_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.paths(vm_id).control_socket.unlink()
+
+    # ---------------------------------------------------------------------------- abort
+
+    async def abort(self, ref: str, reason: str) -> VM:
+        """Kill the VMM of a VM that is stuck (a watchdog) or given up on, and record an error.
+
+        Only from starting, restarting or running; any other state is left alone.
+        """
+        vm = self.get(ref, 0)
+        async with self._lock(vm.id):
+            vm = self._get(vm.id)
+            if vm.state not in (S.STARTING, S.RESTARTING, S.RUNNING):
+                return vm
+            await self._end_vmm(vm, graceful=False, timeout_s=0)
+            await self.set_state(vm.id, S.ERROR, reason)
+        return self.get(vm.id)
 
     # ----------------------------------------------------------------------------- restart
 

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stoker.store.schema import MIGRATIONS
-
 
 class SchemaTooNew(Exception):
     """The file was written by a newer stoker; refuse rather than corrupt it."""
@@ -39,7 +37,7 @@ def dumps(value: Any) -> str:
 
 
 class Database:
-    def __init__(self, path: Path | str, migrations: Sequence[str] = MIGRATIONS) -> None:
+    def __init__(self, path: Path | str, migrations: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
         self.conn = sqlite3.connect(
@@ -51,12 +49,21 @@ class Database:
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.migrate(migrations)
 
+    @staticmethod
+    def _all_migrations() -> Sequence[str]:
+        # imported here: the capability store modules that schema.py collects import this one
+        from stoker.store.schema import MIGRATIONS
+
+        return MIGRATIONS
+
     @property
     def version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
-    def migrate(self, migrations: Sequence[str] = MIGRATIONS) -> None:
+    def migrate(self, migrations: Sequence[str] | None = None) -> None:
         """Apply every migration after the file's version, each in its own transaction."""
+        if migrations is None:
+            migrations = self._all_migrations()
         with self._lock:
             current = self.version
             if current > len(migrations):

@@ -1,0 +1,126 @@
+"""Start-to-ready and forced stop: stoker's API against plain QEMU with the same command line.
+
+Each round boots the test guest once through a real agent (POST /start?wait=true until the
+guest's ready marker) and once as a plain QEMU process launched with the identical argv,
+alternating so that both see the same machine load. Forced stop is POST /stop
+{"graceful": false} until the VMM is gone, against SIGKILL + waitpid of the plain process.
+
+    .venv/bin/python -m bench.lifecycle [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import time
+
+from bench.report import median, percentile, record
+from stoker.domain.spec import VMSpec
+from stoker.drivers.base import VMPaths
+from stoker.drivers.qemu import qemu_argv
+from stoker.guest.build import host_tsc_khz
+from tests.helpers import AgentProcess, guest_spec, short_tmpdir
+
+POLL_S = 0.005
+
+
+def raw_round(spec: VMSpec, marker: str) -> tuple[float, float]:
+    """Plain QEMU: exec -> marker on the console; SIGKILL -> reaped."""
+    root = short_tmpdir("raw-")
+    paths = VMPaths(root)
+    argv = qemu_argv(spec, paths, accel="tcg", tsc_khz=host_tsc_khz())
+    needle = marker.encode()
+    with open(paths.vmm_log, "ab") as log:
+        began = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+        while True:
+            try:
+                if needle in paths.console.read_bytes():
+                    break
+            except FileNotFoundError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"raw QEMU exited: {paths.vmm_log.read_text()}")
+            time.sleep(POLL_S)
+        ready = time.perf_counter() - began
+    began = time.perf_counter()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stop = time.perf_counter() - began
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+    return ready, stop
+
+
+def stoker_round(agent: AgentProcess, name: str) -> tuple[float, float]:
+    with agent.client() as api:
+        began = time.perf_counter()
+        vm = api.start_vm(name, wait=True, timeout_s=120)
+        ready = time.perf_counter() - began
+        if vm["state"] != "running":
+            raise RuntimeError(f"{name} did not come up: {vm['state_reason']}")
+        began = time.perf_counter()
+        vm = api.stop_vm(name, graceful=False)
+        stop = time.perf_counter() - began
+        assert vm["state"] == "stopped", vm
+    return ready, stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    args = parser.parse_args()
+
+    spec_dict = guest_spec("bench", accel="tcg")
+    spec = VMSpec.model_validate(spec_dict)
+    agent = AgentProcess().start()
+    raw_ready, raw_stop, st_ready, st_stop = [], [], [], []
+    try:
+        with agent.client() as api:
+            api.create_vm(spec_dict)
+        raw_round(spec, spec.ready_marker or "")  # warm the page cache for both
+        for i in range(args.rounds):
+            r_ready, r_stop = raw_round(spec, spec.ready_marker or "")
+            s_ready, s_stop = stoker_round(agent, "bench")
+            raw_ready.append(r_ready)
+            raw_stop.append(r_stop)
+            st_ready.append(s_ready)
+            st_stop.append(s_stop)
+            print(
+                f"round {i + 1:2}: ready raw {r_ready:.3f}s stoker {s_ready:.3f}s | "
+                f"forced stop raw {r_stop * 1000:.1f}ms stoker {s_stop * 1000:.1f}ms",
+                flush=True,
+            )
+    finally:
+        agent.cleanup()
+
+    ratio = median(st_ready) / median(raw_ready)
+    lines = [
+        f"Rounds: {args.rounds}, guest: test guest (Debian cloud kernel, busybox initramfs), "
+        "128 MiB, 1 vCPU, TCG.",
+        "",
+        "| measure | plain QEMU (median) | stoker (median) | stoker p99 | ratio | target |",
+        "|---|---|---|---|---|---|",
+        f"| start → guest ready | {median(raw_ready):.3f} s | {median(st_ready):.3f} s | "
+        f"{percentile(st_ready, 99):.3f} s | {ratio:.3f}x | ≤ 1.03x |",
+        f"| forced stop → VMM gone | {median(raw_stop) * 1000:.1f} ms | "
+        f"{median(st_stop) * 1000:.1f} ms | {percentile(st_stop, 99) * 1000:.1f} ms | "
+        f"{median(st_stop) / median(raw_stop):.2f}x | < 30 ms |",
+    ]
+    body = "\n".join(lines)
+    print()
+    print(body)
+    if not args.no_record:
+        record(
+            "Lifecycle: start and forced stop",
+            ".venv/bin/python -m bench.lifecycle",
+            body,
+        )
+
+
+if __name__ == "__main__":
+    main()
