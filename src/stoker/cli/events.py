@@ -1,0 +1,67 @@
+"""``stoker events``: the event log, and ``-f`` to follow it live."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from stoker.cli.common import client, handle_errors, out
+
+LEVEL_STYLE = {
+    "vm.health": "magenta",
+    "vm.restart_limit_reached": "red",
+    "vm.watchdog": "red",
+    "vm.restart_failed": "red",
+    "vm.auto_restart": "yellow",
+    "vm.restart_scheduled": "yellow",
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root ``stoker`` command."""
+    app.command("events")(events)
+
+
+@handle_errors
+def events(
+    ctx: typer.Context,
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new events."),
+    vm: str | None = typer.Option(None, "--vm", help="Only this VM (name or id)."),
+    type: str | None = typer.Option(
+        None, "--type", "-t", help="Only this type, or a prefix ending in '*' (vm.*)."
+    ),
+    since: str | None = typer.Option(
+        None, "--since", help="ISO time or a duration back from now (10m, 2h)."
+    ),
+    limit: int = typer.Option(50, "--limit", "-n", min=1, max=10_000, help="How many to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines, one per event."),
+) -> None:
+    """Show what happened: state changes, health changes, restarts, hook results, alerts.
+
+    Example: stoker events -f --vm web
+    """
+    with client(ctx) as api:
+        logged = api.events(vm=vm, since=since, type=type, limit=limit)
+        last = 0
+        for event in logged:
+            _show(event, as_json)
+            last = event["id"]
+        if not follow:
+            return
+        try:
+            for event in api.stream_events(vm=vm, type=type, after=last):
+                _show(event, as_json)
+        except KeyboardInterrupt:
+            return
+
+
+def _show(event: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        # JSON lines: one object per line, so `stoker events -f --json | jq` works
+        typer.echo(json.dumps(event, sort_keys=True))
+        return
+    style = LEVEL_STYLE.get(event["type"], "cyan")
+    at = str(event["at"]).replace("T", " ")[:23]
+    out.print(f"[dim]{at}[/] [{style}]{event['type']:<24}[/] {event['message']}", highlight=False)

@@ -1,0 +1,314 @@
+"""Health monitoring: per-VM probe loops, the healthy/unhealthy/unknown verdict, and the wiring
+of recovery (restart policy, watchdogs) and hooks into the agent.
+
+Death needs no probe: the lifecycle sees a VMM's exit through a pidfd the moment it happens.
+Probes are for the liveness of what is still alive: a hung VMM (SIGSTOP, a wedged QEMU) or a
+guest whose service stopped answering. Each running VM gets one task per probe, started from
+``lifecycle.on_vmm_up`` (a fresh start or a VMM re-adopted after an agent restart) and
+cancelled the moment the VM leaves running. Every VM gets an implicit ``vmm`` probe unless its
+spec has one (or ``implicit_vmm_probe = false``), which is what the original's 30 s
+"process and socket" check should have been.
+
+Configuration, agent section ``[health]`` (all optional)::
+
+    [health]
+    implicit_vmm_probe = true
+    vmm_interval_s = 30        # the implicit probe's interval (the seed's 30 s)
+    vmm_timeout_s = 1.0
+    vmm_failure_threshold = 3
+    starting_timeout_s = 300   # watchdogs, measured from entering the state
+    stopping_timeout_s = 120   # -> forced stop
+    restarting_timeout_s = 300 # -> error
+    watchdog_interval_s = 1
+
+Hooks are configured in ``[hooks]`` (see ``stoker.services.hooks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ConfigDict, Field, ValidationError
+
+from stoker.api.schemas import HealthOut
+from stoker.config import AgentConfig, ConfigError
+from stoker.domain import health as verdicts
+from stoker.domain.health import Health, ProbeState, Result
+from stoker.domain.spec import Probe, ProbeKind
+from stoker.domain.states import VMState
+from stoker.domain.vm import VM
+from stoker.drivers.base import VMM
+from stoker.services import probes as checks
+from stoker.services.container import Services
+from stoker.services.events import EventBus
+from stoker.services.hooks import HooksConfig, HookService
+from stoker.services.lifecycle import Lifecycle
+from stoker.services.recovery import Recovery, WatchdogConfig
+from stoker.store.db import Database, to_iso
+from stoker.store.events import Event
+from stoker.store.health import HealthStore
+
+log = logging.getLogger("stoker.health")
+
+ProbeListener = Callable[[VM, str, bool, str], Any]
+
+
+class HealthConfig(WatchdogConfig):
+    model_config = ConfigDict(extra="forbid")
+
+    implicit_vmm_probe: bool = True
+    vmm_interval_s: float = Field(default=30.0, gt=0, le=86_400)
+    vmm_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    vmm_failure_threshold: int = Field(default=3, ge=1, le=1000)
+
+
+class HealthService:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        events: EventBus,
+        store: HealthStore,
+        config: HealthConfig,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.events = events
+        self.store = store
+        self.config = config
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._probes: dict[str, dict[str, ProbeState]] = {}
+        #: told when a running VM turns unhealthy (recovery), and of every result (hooks)
+        self.on_unhealthy: list[Callable[[str, str], Any]] = []
+        self.on_result: list[ProbeListener] = []
+
+    # ------------------------------------------------------------------------ probes
+
+    def probes_for(self, vm: VM) -> list[tuple[str, Probe]]:
+        named = [(checks.probe_name(p, i), p) for i, p in enumerate(vm.spec.probes)]
+        has_vmm = any(p.kind == ProbeKind.VMM for p in vm.spec.probes)
+        if self.config.implicit_vmm_probe and not has_vmm:
+            implicit = Probe(
+                kind=ProbeKind.VMM,
+                name="vmm",
+                interval_s=self.config.vmm_interval_s,
+                timeout_s=self.config.vmm_timeout_s,
+                failure_threshold=self.config.vmm_failure_threshold,
+            )
+            named.insert(0, ("vmm", implicit))
+        return named
+
+    async def vmm_up(self, vm: VM, vmm: VMM) -> None:
+        """lifecycle.on_vmm_up: (re)start this VM's probe loops against the new VMM."""
+        self._stop_probes(vm.id)
+        named = self.probes_for(vm)
+        stored = {p.name: p for p in self.store.probes(vm.id)}
+        self.store.drop_probes_except(vm.id, [n for n, _ in named])
+        states: dict[str, ProbeState] = {}
+        for name, probe in named:
+            previous = stored.get(name)
+            state = previous.reset() if previous else ProbeState(name=name, kind=probe.kind.value)
+            states[name] = state
+            self.store.save_probe(vm.id, state)
+        self._probes[vm.id] = states
+        self._set_verdict(vm, Health.UNKNOWN, "VMM up: waiting for probe results")
+        self._tasks[vm.id] = [
+            asyncio.ensure_future(self._loop(vm, vmm, name, probe)) for name, probe in named
+        ]
+
+    def _stop_probes(self, vm_id: str) -> None:
+        for task in self._tasks.pop(vm_id, []):
+            task.cancel()
+
+    async def _loop(self, vm: VM, vmm: VMM, name: str, probe: Probe) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(probe.initial_delay_s)
+        while True:
+            began = loop.time()
+            outcome = await checks.check(probe, vm, vmm)
+            self.record(vm, name, probe, outcome.ok, outcome.message, outcome.duration_s)
+            await asyncio.sleep(max(0.0, probe.interval_s - (loop.time() - began)))
+
+    def record(
+        self, vm: VM, name: str, probe: Probe, ok: bool, message: str, duration_s: float = 0.0
+    ) -> ProbeState:
+        """Fold one probe result in, persist it, and re-judge the VM."""
+        states = self._probes.setdefault(vm.id, {})
+        before = states.get(name) or ProbeState(name=name, kind=probe.kind.value)
+        result = Result(ok=ok, message=message, at=self.clock(), duration_s=round(duration_s, 4))
+        after = verdicts.record(before, result, probe.failure_threshold, probe.success_threshold)
+        states[name] = after
+        self.store.save_probe(vm.id, after)
+        if after.status != before.status:
+            log.info("%s probe %s: %s -> %s", vm.name, name, before.status, after.status)
+        for listener in self.on_result:
+            try:
+                listener(vm, name, ok, message)
+            except Exception:
+                log.exception("probe result listener failed")
+        verdict = verdicts.overall(list(states.values()), running=True)
+        if verdict == Health.UNHEALTHY:
+            why = f"probe {name} failed {after.consecutive_failures} times: {after.last_error}"
+            if after.status != Health.UNHEALTHY:
+                bad = next(p for p in states.values() if p.status == Health.UNHEALTHY)
+                why = f"probe {bad.name} failed {bad.consecutive_failures} times: {bad.last_error}"
+        elif verdict == Health.HEALTHY:
+            why = "all probes pass"
+        else:
+            why = "waiting for probe results"
+        self._set_verdict(vm, verdict, why)
+        return after
+
+    def _set_verdict(self, vm: VM, health: Health, reason: str) -> None:
+        previous = self.store.verdict(vm.id)
+        was = previous[0] if previous else Health.UNKNOWN
+        if previous is not None and was == health:
+            return
+        self.store.set_verdict(vm.id, health, self.clock(), reason)
+        if previous is None and health == Health.UNKNOWN:
+            return  # nothing was known before either: not worth an event
+        self.events.publish(
+            "vm.health",
+            f"{vm.name}: {was.value} -> {health.value}: {reason}",
+            vm.id,
+            name=vm.name,
+            from_health=was.value,
+            to_health=health.value,
+            reason=reason,
+        )
+        if health == Health.UNHEALTHY:
+            for callback in self.on_unhealthy:
+                callback(vm.id, reason)
+
+    # ------------------------------------------------------------------------ events
+
+    def on_event(self, event: Event) -> None:
+        """Stop probing the moment a VM leaves running; forget a deleted VM."""
+        if event.vm_id is None:
+            return
+        if event.type == "vm.deleted":
+            self._stop_probes(event.vm_id)
+            self._probes.pop(event.vm_id, None)
+            self.store.delete(event.vm_id)
+        elif event.type == "vm.state" and event.data.get("to_state") != VMState.RUNNING:
+            self._stop_probes(event.vm_id)
+            vm = self.lifecycle.vms.get(event.vm_id)
+            if vm is not None:
+                self._set_verdict(vm, Health.UNKNOWN, f"VM is {vm.state.value}")
+
+    # ------------------------------------------------------------------------ report
+
+    async def report(self, vm: VM) -> HealthOut:
+        vmm = await self.lifecycle.vmm_liveness(vm.id)
+        running = vm.state == VMState.RUNNING
+        states = self._probes.get(vm.id) or {p.name: p for p in self.store.probes(vm.id)}
+        probes = list(states.values())
+        verdict = self.store.verdict(vm.id)
+        health = verdict[0] if verdict and running else Health.UNKNOWN
+        failures, last_error = verdicts.worst_error(probes)
+        specs = dict(self.probes_for(vm))
+        return HealthOut(
+            vm=vm.name,
+            state=vm.state,
+            health=health.value,
+            vmm=vmm,
+            probes=[_probe_out(p, specs.get(p.name)) for p in probes],
+            consecutive_failures=failures,
+            last_error=last_error,
+            since=verdict[1] if verdict else None,
+            reason=verdict[2] if verdict else None,
+        )
+
+    # ------------------------------------------------------------------------ background
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        tasks = [t for ts in self._tasks.values() for t in ts]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _probe_out(state: ProbeState, probe: Probe | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": state.name,
+        "kind": state.kind,
+        "status": state.status.value,
+        "consecutive_failures": state.consecutive_failures,
+        "consecutive_successes": state.consecutive_successes,
+        "last_message": state.last_message,
+        "last_error": state.last_error,
+        "last_at": to_iso(state.last_at) if state.last_at else None,
+        "last_ok_at": to_iso(state.last_ok_at) if state.last_ok_at else None,
+        "checks": state.checks,
+        "failures": state.failures,
+        "history": [
+            {"ok": r.ok, "message": r.message, "at": to_iso(r.at), "duration_s": r.duration_s}
+            for r in state.history
+        ],
+    }
+    if probe is not None:
+        out.update(
+            interval_s=probe.interval_s,
+            timeout_s=probe.timeout_s,
+            failure_threshold=probe.failure_threshold,
+            success_threshold=probe.success_threshold,
+        )
+    return out
+
+
+class _Stopper:
+    """Stops the background parts in the right order (hooks last, so they see the end)."""
+
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
+
+    async def start(self) -> None:
+        for part in self.parts:
+            await part.start()
+
+    async def stop(self) -> None:
+        for part in self.parts:
+            with contextlib.suppress(Exception):
+                await part.stop()
+
+
+def install(services: Services, config: AgentConfig, db: Database) -> None:
+    """Wire health, recovery and hooks into the agent (before ``lifecycle.recover()``, so
+    re-adopted VMMs get probes and VMMs that died while the agent was down get the policy)."""
+    try:
+        health_config = HealthConfig.model_validate(config.sections.get("health", {}))
+        hooks_config = HooksConfig.model_validate(config.sections.get("hooks", {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid [health]/[hooks] configuration: {problems}") from None
+    lifecycle, events = services.lifecycle, services.events
+    health = HealthService(lifecycle, events, HealthStore(db), health_config)
+    recovery = Recovery(lifecycle, events, health_config)
+    try:
+        hooks = HookService(lifecycle, events, hooks_config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    lifecycle.on_vmm_up.append(health.vmm_up)
+    lifecycle.pre_start.append(hooks.pre_start)
+    events.add_listener(health.on_event)
+    events.add_listener(recovery.on_event)
+    events.add_listener(hooks.on_event)
+    health.on_unhealthy.append(recovery.on_unhealthy)
+    health.on_result.append(hooks.on_probe_result)
+
+    services.extra["health"] = health
+    services.extra["recovery"] = recovery
+    services.extra["hooks"] = hooks
+    services.background.append(_Stopper(health, recovery, hooks))
