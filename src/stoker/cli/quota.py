@@ -1,0 +1,224 @@
+"""``stoker quota ...``: per-VM CPU, memory, disk and network limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from stoker.cli.common import JSON_OPTION, client, err, handle_errors, out, print_json
+
+app = typer.Typer(
+    help="Per-VM quotas: CPU cap, memory, disk size, IOPS and bandwidth, network.",
+    no_args_is_help=True,
+)
+
+MB = 1_000_000
+
+LABELS = {
+    "cpu_percent": "CPU",
+    "memory_mib": "Memory",
+    "disk_gib": "Disk size",
+    "disk_iops": "Disk IOPS",
+    "disk_bytes_per_s": "Disk bandwidth",
+    "network_mbps": "Network",
+    "network_pps": "Packets",
+}
+
+STATUS_STYLE = {
+    "enforced": "green",
+    "pending": "yellow",
+    "failed": "red",
+    "not enforceable": "red",
+    "unlimited": "dim",
+}
+
+
+def register(root: typer.Typer) -> None:
+    """Add this module's commands to the root ``stoker`` command."""
+    root.add_typer(app, name="quota")
+
+
+def _limit_text(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "cpu_percent":
+        return f"{value}% ({value / 100:g} cores)"
+    if name == "memory_mib":
+        return f"{value} MiB"
+    if name == "disk_gib":
+        return f"{value} GiB"
+    if name == "disk_iops":
+        return f"{value} ops/s"
+    if name == "disk_bytes_per_s":
+        return f"{value / MB:g} MB/s"
+    if name == "network_mbps":
+        return f"{value:g} Mbps"
+    return f"{value} pkt/s"
+
+
+def _usage_text(name: str, view: dict[str, Any]) -> str:
+    usage = view.get("usage", {})
+    if name == "cpu_percent" and usage.get("cpu_percent") is not None:
+        return f"{usage['cpu_percent']:.1f}%"
+    if name == "memory_mib":
+        guest = f"guest {usage.get('guest_memory_mib')} MiB"
+        if usage.get("memory_bytes") is not None:
+            return f"{guest}, VMM {usage['memory_bytes'] / 2**20:.0f} MiB"
+        return guest
+    if name == "disk_gib":
+        return (
+            f"{usage.get('disk_bytes', 0) / 2**30:.2f} GiB "
+            f"({usage.get('disk_allocated_bytes', 0) / 2**30:.2f} GiB allocated)"
+        )
+    if name == "disk_iops" and usage.get("disk_iops") is not None:
+        return f"{usage['disk_iops']:.0f} ops/s"
+    if name == "disk_bytes_per_s" and usage.get("disk_bytes_per_s") is not None:
+        return f"{usage['disk_bytes_per_s'] / MB:.2f} MB/s"
+    return "-"
+
+
+VIOLATION_FOR = {
+    "cpu_percent": ("cpu",),
+    "memory_mib": ("memory", "oom"),
+    "disk_iops": ("disk_iops",),
+    "disk_bytes_per_s": ("disk_bytes_per_s",),
+}
+
+
+def _violations_text(name: str, view: dict[str, Any]) -> str:
+    counts = view.get("violations", {})
+    parts = [
+        f"{kind}: {counts[kind]['episodes']}x"
+        for kind in VIOLATION_FOR.get(name, ())
+        if kind in counts
+    ]
+    return ", ".join(parts) or "-"
+
+
+def _print_view(view: dict[str, Any]) -> None:
+    table = Table(title=f"{view['vm']} ({view['state']})", title_justify="left")
+    for column in ("limit", "quota", "from", "status", "usage", "violations"):
+        table.add_column(column)
+    for name, label in LABELS.items():
+        entry = view["limits"][name]
+        status = entry["status"]
+        table.add_row(
+            label,
+            _limit_text(name, entry["value"]),
+            entry["source"],
+            f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            _usage_text(name, view),
+            _violations_text(name, view),
+        )
+    out.print(table)
+    for name, entry in view["limits"].items():
+        if entry.get("reason") and entry["status"] != "pending":
+            err.print(f"[yellow]{LABELS[name]}:[/yellow] {entry['reason']}", highlight=False)
+    if view.get("cgroup"):
+        out.print(f"cgroup: {view['cgroup']}", highlight=False)
+
+
+@app.command("set")
+@handle_errors
+def set_quota(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    cpu: int | None = typer.Option(None, "--cpu", help="CPU cap, percent of one core (200 = 2)."),
+    memory: int | None = typer.Option(None, "--memory", help="Most guest RAM allowed, MiB."),
+    disk: int | None = typer.Option(None, "--disk", help="Total drive size allowed, GiB."),
+    network: float | None = typer.Option(None, "--network", help="Network bandwidth, Mbps."),
+    iops: int | None = typer.Option(None, "--iops", help="Disk operations per second."),
+    disk_bw: float | None = typer.Option(None, "--disk-bw", help="Disk bandwidth, MB/s."),
+    pps: int | None = typer.Option(None, "--pps", help="Network packets per second."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Set a VM's quota; a running VM gets it at once, or the command says why not.
+
+    Example: stoker quota set web-server --cpu 200 --memory 4096 --disk 100 --network 100
+    """
+    view = client(ctx).set_quota(
+        vm,
+        cpu_percent=cpu,
+        memory_mib=memory,
+        disk_gib=disk,
+        network_mbps=network,
+        disk_iops=iops,
+        disk_bytes_per_s=None if disk_bw is None else round(disk_bw * MB),
+        network_pps=pps,
+    )
+    if as_json:
+        print_json(view)
+        return
+    _print_view(view)
+    if view["state"] == "running":
+        out.print("[green]quota applied to the running VM[/green]")
+    else:
+        out.print("quota saved; it applies when the VM starts")
+
+
+@app.command("get")
+@handle_errors
+def get_quota(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show a VM's quota and current usage side by side, with violation counts.
+
+    Example: stoker quota get web-server
+    """
+    view = client(ctx).get_quota(vm)
+    if as_json:
+        print_json(view)
+        return
+    _print_view(view)
+
+
+@app.command("list")
+@handle_errors
+def list_quotas(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Every VM's effective quota.
+
+    Example: stoker quota list
+    """
+    views = client(ctx).list_quotas()
+    if as_json:
+        print_json(views)
+        return
+    table = Table()
+    table.add_column("vm")
+    table.add_column("state")
+    for label in LABELS.values():
+        table.add_column(label)
+    table.add_column("violations")
+    for view in views:
+        cells = []
+        for name in LABELS:
+            entry = view["limits"][name]
+            text = _limit_text(name, entry["value"])
+            if entry["status"] in ("failed", "not enforceable"):
+                text = f"[red]{text} ({entry['status']})[/]"
+            cells.append(text)
+        total = sum(v["episodes"] for v in view.get("violations", {}).values())
+        table.add_row(view["vm"], view["state"], *cells, str(total))
+    out.print(table)
+
+
+@app.command("remove")
+@handle_errors
+def remove_quota(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove a VM's own quota; the configured defaults apply again.
+
+    Example: stoker quota remove web-server
+    """
+    view = client(ctx).remove_quota(vm)
+    if as_json:
+        print_json(view)
+        return
+    out.print(f"quota override of {view['vm']} removed; defaults apply")

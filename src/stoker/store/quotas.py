@@ -1,0 +1,124 @@
+"""Per-VM quota overrides and quota-violation counters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from stoker.store.db import Database, dumps, from_iso, to_iso
+
+SCHEMA = """
+CREATE TABLE vm_quotas (
+    vm_id TEXT PRIMARY KEY,
+    quota TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE quota_violations (
+    vm_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    episodes INTEGER NOT NULL DEFAULT 0,
+    samples INTEGER NOT NULL DEFAULT 0,
+    total REAL NOT NULL DEFAULT 0,
+    first_at TEXT NOT NULL,
+    last_at TEXT NOT NULL,
+    last_detail TEXT NOT NULL,
+    PRIMARY KEY (vm_id, kind)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ViolationCount:
+    """``episodes``: separate times the limit was hit (a new one after a quiet interval);
+    ``samples``: monitoring intervals spent at the limit; ``total``: the summed amounts
+    (throttled periods, failcnt hits, OOM kills, ...)."""
+
+    vm_id: str
+    kind: str
+    episodes: int
+    samples: int
+    total: float
+    first_at: datetime
+    last_at: datetime
+    last_detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "episodes": self.episodes,
+            "samples": self.samples,
+            "total": self.total,
+            "first_at": to_iso(self.first_at),
+            "last_at": to_iso(self.last_at),
+            "last_detail": self.last_detail,
+        }
+
+
+class QuotaStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, vm_id: str) -> dict[str, Any] | None:
+        row = self.db.query_one("SELECT quota FROM vm_quotas WHERE vm_id = ?", (vm_id,))
+        return None if row is None else dict(json.loads(row["quota"]))
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        rows = self.db.query("SELECT vm_id, quota FROM vm_quotas")
+        return {r["vm_id"]: dict(json.loads(r["quota"])) for r in rows}
+
+    def put(self, vm_id: str, quota: dict[str, Any], at: datetime) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO vm_quotas (vm_id, quota, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (vm_id) DO UPDATE SET quota = excluded.quota,"
+                " updated_at = excluded.updated_at",
+                (vm_id, dumps(quota), to_iso(at)),
+            )
+
+    def delete(self, vm_id: str) -> bool:
+        with self.db.write() as conn:
+            cur = conn.execute("DELETE FROM vm_quotas WHERE vm_id = ?", (vm_id,))
+            return cur.rowcount > 0
+
+    def forget_vm(self, vm_id: str) -> None:
+        """The VM is gone: drop its override and its counters in one transaction."""
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM vm_quotas WHERE vm_id = ?", (vm_id,))
+            conn.execute("DELETE FROM quota_violations WHERE vm_id = ?", (vm_id,))
+
+    def record_violation(
+        self, vm_id: str, kind: str, new_episode: bool, amount: float, detail: str, at: datetime
+    ) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO quota_violations"
+                " (vm_id, kind, episodes, samples, total, first_at, last_at, last_detail)"
+                " VALUES (?, ?, 1, 1, ?, ?, ?, ?)"
+                " ON CONFLICT (vm_id, kind) DO UPDATE SET"
+                " episodes = episodes + ?, samples = samples + 1, total = total + excluded.total,"
+                " last_at = excluded.last_at, last_detail = excluded.last_detail",
+                (vm_id, kind, amount, to_iso(at), to_iso(at), detail, 1 if new_episode else 0),
+            )
+
+    def violations(self, vm_id: str | None = None) -> list[ViolationCount]:
+        if vm_id is None:
+            rows = self.db.query("SELECT * FROM quota_violations ORDER BY vm_id, kind")
+        else:
+            rows = self.db.query(
+                "SELECT * FROM quota_violations WHERE vm_id = ? ORDER BY kind", (vm_id,)
+            )
+        return [
+            ViolationCount(
+                r["vm_id"],
+                r["kind"],
+                r["episodes"],
+                r["samples"],
+                r["total"],
+                from_iso(r["first_at"]),  # type: ignore[arg-type]
+                from_iso(r["last_at"]),  # type: ignore[arg-type]
+                r["last_detail"],
+            )
+            for r in rows
+        ]
