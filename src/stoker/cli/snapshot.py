@@ -1,0 +1,424 @@
+"""``stoker snapshot ...``: snapshots, restore, verify, retention policies and pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stoker.cli.common import JSON_OPTION, ago, client, err, handle_errors, out, print_json
+
+app = typer.Typer(
+    help="Snapshots: create, restore, verify, retention policies and pruning.",
+    no_args_is_help=True,
+)
+
+T = TypeVar("T")
+
+
+def register(root: typer.Typer) -> None:
+    """Add this module's commands to the root ``stoker`` command."""
+    root.add_typer(app, name="snapshot")
+
+
+@contextmanager
+def _working(what: str, quiet: bool) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr (stdout stays clean for --json)."""
+    if quiet:
+        yield
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        progress.add_task(what, total=None)
+        yield
+
+
+def _run(what: str, quiet: bool, call: Callable[[], T]) -> T:
+    with _working(what, quiet):
+        return call()
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _verified(s: dict[str, Any]) -> str:
+    v = s.get("last_verification")
+    if not v:
+        return "[dim]never[/]"
+    word = "[green]ok[/]" if v["ok"] else "[red]FAILED[/]"
+    return f"{word}{' deep' if v['deep'] else ''} {ago(v['at'])}"
+
+
+def _table(snaps: list[dict[str, Any]], with_vm: bool) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", *(("VM",) if with_vm else ()), "CREATED", "KIND", "CONTENT", "SIZE"):
+        table.add_column(col)
+    table.add_column("PROTECTED")
+    table.add_column("VERIFIED")
+    for s in snaps:
+        row = [s["id"], *((s["vm_name"],) if with_vm else ())]
+        row += [
+            f"{s['created_at'][:19].replace('T', ' ')}Z ({ago(s['created_at'])})",
+            s["kind"],
+            "memory+disks" if s["with_memory"] else "disks",
+            _size(s["size_bytes"]),
+            "yes" if s["protected"] else "",
+            _verified(s),
+        ]
+        table.add_row(*row)
+    return table
+
+
+def _print_snapshot(s: dict[str, Any]) -> None:
+    out.print(f"[bold]{s['id']}[/]  {s['vm_name']}  {s['kind']}", highlight=False)
+    out.print(f"  created    {s['created_at']} ({ago(s['created_at'])})", highlight=False)
+    out.print(
+        f"  content    {'memory + disks' if s['with_memory'] else 'disks only'}, "
+        f"{_size(s['size_bytes'])}",
+        highlight=False,
+    )
+    if s.get("pause_s") is not None:
+        out.print(f"  paused     {s['pause_s'] * 1000:.0f} ms", highlight=False)
+    out.print(f"  protected  {'yes' if s['protected'] else 'no'}", highlight=False)
+    if s["tags"]:
+        out.print(f"  tags       {', '.join(s['tags'])}", highlight=False)
+    v = s.get("last_verification")
+    if v:
+        out.print(
+            f"  verified   {_verified(s)} in {v['duration_s']:.2f} s: {v['detail']}",
+            highlight=False,
+        )
+    else:
+        out.print("  verified   never", highlight=False)
+    for f in s.get("files") or []:
+        out.print(f"  file       {f['name']}  {_size(f['size'])}  sha256 {f['sha256']}")
+
+
+def _print_prune(r: dict[str, Any]) -> None:
+    verb = "would remove" if r["dry_run"] else "removed"
+    out.print(f"{r['vm_name']}: policy {r['policy']} (periods in {r['timezone']})", highlight=False)
+    table = Table(box=None, pad_edge=False)
+    for col in ("ACTION", "ID", "CREATED", "SIZE", "WHY"):
+        table.add_column(col)
+    for item in r["keep"]:
+        table.add_row(
+            "[green]keep[/]",
+            item["id"],
+            item["created_at"][:19],
+            _size(item["size_bytes"]),
+            ", ".join(item["reasons"]),
+        )
+    for item in r["remove"]:
+        table.add_row(
+            f"[red]{'remove' if r['dry_run'] else 'removed'}[/]",
+            item["id"],
+            item["created_at"][:19],
+            _size(item["size_bytes"]),
+            ", ".join(item["reasons"]),
+        )
+    out.print(table)
+    out.print(
+        f"{len(r['keep'])} kept, {len(r['remove'])} {verb}, "
+        f"{_size(r['freed_bytes'])} {'would be ' if r['dry_run'] else ''}freed",
+        highlight=False,
+    )
+
+
+@app.command("create")
+@handle_errors
+def create(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    tag: list[str] = typer.Option([], "--tag", help="A tag; repeatable."),
+    protect: bool = typer.Option(False, "--protect", help="Never remove it by pruning."),
+    pre_update: bool = typer.Option(
+        False, "--pre-update", help="A pre-update snapshot: kept until released (unprotect)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Snapshot a VM: memory and disks if it runs (paused briefly), disks if stopped.
+
+    Example: stoker snapshot create web-server --tag before-upgrade
+    """
+    kind = "pre-update" if pre_update else "manual"
+    with client(ctx) as api:
+        snap = _run(
+            f"snapshotting {vm}",
+            as_json,
+            lambda: api.create_snapshot(vm, kind=kind, tags=tag, protected=protect or None),
+        )
+    if as_json:
+        print_json(snap)
+        return
+    pause = f", guest paused {snap['pause_s'] * 1000:.0f} ms" if snap.get("pause_s") else ""
+    out.print(
+        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
+        f"({_size(snap['size_bytes'])}{pause})",
+        highlight=False,
+    )
+
+
+@app.command("list")
+@handle_errors
+def list_(
+    ctx: typer.Context,
+    vm: str | None = typer.Argument(None, help="Only this VM."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List snapshots, oldest first.
+
+    Example: stoker snapshot list web-server
+    """
+    with client(ctx) as api:
+        snaps = api.list_snapshots(vm)
+    if as_json:
+        print_json(snaps)
+        return
+    if not snaps:
+        out.print("no snapshots")
+        return
+    out.print(_table(snaps, with_vm=vm is None))
+
+
+@app.command("show")
+@handle_errors
+def show(
+    ctx: typer.Context,
+    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show one snapshot: content, files with checksums, last verification.
+
+    Example: stoker snapshot show 20261121-063000-a1b2c3
+    """
+    with client(ctx) as api:
+        snap = api.get_snapshot(snapshot_id)
+    if as_json:
+        print_json(snap)
+        return
+    _print_snapshot(snap)
+
+
+@app.command("restore")
+@handle_errors
+def restore(
+    ctx: typer.Context,
+    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Put a VM back to a snapshot: stops it, restores disks and memory, runs it again.
+
+    Example: stoker snapshot restore 20261121-063000-a1b2c3 --yes
+    """
+    with client(ctx) as api:
+        snap = api.get_snapshot(snapshot_id)
+        if not yes and not typer.confirm(
+            f"restore {snap['vm_name']} to {snap['id']}? Its current disks and memory are lost"
+        ):
+            raise typer.Exit(1)
+        result = _run(
+            f"restoring {snap['vm_name']} from {snapshot_id}",
+            as_json,
+            lambda: api.restore_snapshot(snapshot_id),
+        )
+    if as_json:
+        print_json(result)
+        return
+    vm = result["vm"]
+    out.print(
+        f"{vm['name']} restored from {snapshot_id}: {vm['state']} ({vm['state_reason']})",
+        highlight=False,
+    )
+
+
+@app.command("verify")
+@handle_errors
+def verify(
+    ctx: typer.Context,
+    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    deep: bool = typer.Option(
+        False, "--deep", help="Also run it in a throwaway VM until ready (never the original)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Recompute checksums (and check qcow2 images); --deep also runs it. Exit 1 on failure.
+
+    Example: stoker snapshot verify 20261121-063000-a1b2c3 --deep
+    """
+    with client(ctx) as api:
+        snap = _run(
+            f"verifying {snapshot_id}{' (deep)' if deep else ''}",
+            as_json,
+            lambda: api.verify_snapshot(snapshot_id, deep=deep),
+        )
+    v = snap["last_verification"]
+    if as_json:
+        print_json(snap)
+    else:
+        word = "[green]ok[/]" if v["ok"] else "[red]FAILED[/]"
+        out.print(f"{snapshot_id}: {word} in {v['duration_s']:.2f} s: {v['detail']}")
+    if not v["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("delete")
+@handle_errors
+def delete(
+    ctx: typer.Context,
+    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    force: bool = typer.Option(False, "--force", help="Delete even if protected."),
+) -> None:
+    """Delete a snapshot and free its space.
+
+    Example: stoker snapshot delete 20261121-063000-a1b2c3
+    """
+    with client(ctx) as api:
+        api.delete_snapshot(snapshot_id, force=force)
+    out.print(f"snapshot {snapshot_id} deleted", highlight=False)
+
+
+@app.command("prune")
+@handle_errors
+def prune(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan, remove nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove the snapshots the VM's retention policy does not keep.
+
+    Example: stoker snapshot prune web-server --dry-run
+    """
+    with client(ctx) as api:
+        result = _run(f"pruning {vm}", as_json, lambda: api.prune_snapshots(vm, dry_run=dry_run))
+    if as_json:
+        print_json(result)
+        return
+    _print_prune(result)
+
+
+@app.command("protect")
+@handle_errors
+def protect(
+    ctx: typer.Context, snapshot_id: str = typer.Argument(..., help="Snapshot id.")
+) -> None:
+    """Protect a snapshot: pruning never removes it.
+
+    Example: stoker snapshot protect 20261121-063000-a1b2c3
+    """
+    with client(ctx) as api:
+        api.protect_snapshot(snapshot_id)
+    out.print(f"snapshot {snapshot_id} protected", highlight=False)
+
+
+@app.command("unprotect")
+@handle_errors
+def unprotect(
+    ctx: typer.Context, snapshot_id: str = typer.Argument(..., help="Snapshot id.")
+) -> None:
+    """Release a protected or pre-update snapshot to the retention policy.
+
+    Example: stoker snapshot unprotect 20261121-063000-a1b2c3
+    """
+    with client(ctx) as api:
+        api.unprotect_snapshot(snapshot_id)
+    out.print(f"snapshot {snapshot_id} released to the retention policy", highlight=False)
+
+
+@app.command("set-policy")
+@handle_errors
+def set_policy(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    retention: str = typer.Argument(
+        ...,
+        help="Rules like 'daily:7,weekly:4' (last/hourly/daily/weekly/monthly/yearly:N, "
+        "within:DURATION); '' for none.",
+    ),
+    every: str | None = typer.Option(
+        None, "--every", help="Automatic snapshot interval while the VM runs, e.g. 1d, 6h."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Set a VM's retention policy (and, with --every, automatic snapshots).
+
+    Example: stoker snapshot set-policy web-server "daily:7,weekly:4" --every 1d
+    """
+    with client(ctx) as api:
+        policy = api.set_snapshot_policy(vm, retention or None, every)
+    if as_json:
+        print_json(policy)
+        return
+    _print_policy(policy)
+
+
+@app.command("policy")
+@handle_errors
+def policy(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show a VM's snapshot policy.
+
+    Example: stoker snapshot policy web-server
+    """
+    with client(ctx) as api:
+        result = api.get_snapshot_policy(vm)
+    if as_json:
+        print_json(result)
+        return
+    _print_policy(result)
+
+
+def _print_policy(p: dict[str, Any]) -> None:
+    out.print(
+        f"{p['vm_name']}: retention {p['retention'] or 'none'} (periods in {p['timezone']}), "
+        f"automatic snapshots {('every ' + p['interval']) if p['interval'] else 'off'}"
+        + (f", next {p['next_auto_at']}" if p.get("next_auto_at") else ""),
+        highlight=False,
+    )
+
+
+@app.command("auto-snapshot")
+@handle_errors
+def auto_snapshot(
+    ctx: typer.Context,
+    vm: str = typer.Argument(..., help="VM name or id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Take an automatic snapshot now, then prune by the VM's policy.
+
+    Example: stoker snapshot auto-snapshot web-server
+    """
+    with client(ctx) as api:
+        result = _run(f"auto-snapshot of {vm}", as_json, lambda: api.auto_snapshot(vm))
+    if as_json:
+        print_json(result)
+        return
+    snap = result["snapshot"]
+    out.print(
+        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
+        f"({_size(snap['size_bytes'])})",
+        highlight=False,
+    )
+    if result.get("prune"):
+        _print_prune(result["prune"])
