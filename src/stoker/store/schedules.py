@@ -1,0 +1,399 @@
+"""Schedules and their runs.
+
+A run row in state ``running`` is the lock that keeps two runs of one schedule apart: a
+partial unique index allows one such row per schedule, so a second claim fails inside the
+same transaction that would have started it, even across tasks. Claiming a cron fire also
+moves the schedule's ``last_fire_at`` forward in that transaction, so a fire is handled
+once, whether it ran, was missed or was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+# the module, not its names: schema.py imports this file while db.py is still loading
+from stoker.store import db as _db
+
+if TYPE_CHECKING:
+    from stoker.store.db import Database
+
+SCHEMA = """
+CREATE TABLE schedules (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    action TEXT NOT NULL,
+    vm TEXT,
+    selector TEXT,
+    cron TEXT NOT NULL,
+    tz TEXT NOT NULL,
+    spread_s REAL NOT NULL DEFAULT 0,
+    grace_s REAL NOT NULL DEFAULT 600,
+    options TEXT NOT NULL DEFAULT '{}',
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_fire_at TEXT NOT NULL
+);
+CREATE TABLE schedule_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    schedule_id TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    fire_at TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    results TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX schedule_runs_by_schedule ON schedule_runs (schedule_id, id);
+CREATE INDEX schedule_runs_by_time ON schedule_runs (started_at);
+CREATE UNIQUE INDEX schedule_runs_one_running ON schedule_runs (schedule_id)
+    WHERE status = 'running';
+"""
+
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+MISSED = "missed"
+SKIPPED = "skipped"
+FINISHED_STATUSES = (SUCCEEDED, FAILED, MISSED, SKIPPED)
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    id: str
+    name: str | None
+    action: str
+    vm: str | None
+    selector: dict[str, str] | None
+    cron: str
+    tz: str
+    spread_s: float
+    grace_s: float
+    options: dict[str, Any]
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    #: the latest fire time already handled (ran, missed or skipped); fires after it are due
+    last_fire_at: datetime
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    schedule_id: str
+    trigger: str
+    fire_at: datetime | None
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    message: str
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+class AlreadyRunning(Exception):
+    """The schedule has a run in progress; the caller decides whether that is an error."""
+
+
+class ScheduleStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ------------------------------------------------------------------------- schedules
+
+    def insert(self, row: ScheduleRow) -> None:
+        """Raise ``sqlite3.IntegrityError`` when the name is taken."""
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO schedules (id, name, action, vm, selector, cron, tz, spread_s,"
+                " grace_s, options, enabled, created_at, updated_at, last_fire_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.id,
+                    row.name,
+                    row.action,
+                    row.vm,
+                    _db.dumps(row.selector) if row.selector is not None else None,
+                    row.cron,
+                    row.tz,
+                    row.spread_s,
+                    row.grace_s,
+                    _db.dumps(row.options),
+                    int(row.enabled),
+                    _db.to_iso(row.created_at),
+                    _db.to_iso(row.updated_at),
+                    _db.to_iso(row.last_fire_at),
+                ),
+            )
+
+    def get(self, ref: str) -> ScheduleRow | None:
+        """By id, else by name."""
+        row = self.db.query_one("SELECT * FROM schedules WHERE id = ?", (ref,))
+        row = row or self.db.query_one("SELECT * FROM schedules WHERE name = ?", (ref,))
+        return _schedule(row) if row is not None else None
+
+    def list(self, enabled: bool | None = None) -> list[ScheduleRow]:
+        if enabled is None:
+            rows = self.db.query("SELECT * FROM schedules ORDER BY created_at, id")
+        else:
+            rows = self.db.query(
+                "SELECT * FROM schedules WHERE enabled = ? ORDER BY created_at, id",
+                (int(enabled),),
+            )
+        return [_schedule(r) for r in rows]
+
+    def update(self, schedule_id: str, at: datetime, **changes: Any) -> None:
+        """Change the given columns (values in Python form) and ``updated_at``."""
+        columns = {
+            "name",
+            "action",
+            "vm",
+            "selector",
+            "cron",
+            "tz",
+            "spread_s",
+            "grace_s",
+            "options",
+            "enabled",
+            "last_fire_at",
+        }
+        unknown = set(changes) - columns
+        if unknown:
+            raise ValueError(f"not schedule columns: {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key in ("selector", "options"):
+                value = _db.dumps(value) if value is not None else None
+            elif key == "enabled":
+                value = int(bool(value))
+            elif key == "last_fire_at":
+                value = _db.to_iso(value)
+            values[key] = value
+        values["updated_at"] = _db.to_iso(at)
+        assignments = ", ".join(f"{key} = :{key}" for key in values)
+        with self.db.write() as conn:
+            conn.execute(
+                f"UPDATE schedules SET {assignments} WHERE id = :id", {**values, "id": schedule_id}
+            )
+
+    def delete(self, schedule_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM schedule_runs WHERE schedule_id = ?", (schedule_id,))
+            conn.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+
+    # ------------------------------------------------------------------------------ runs
+
+    def claim(
+        self,
+        schedule_id: str,
+        trigger: str,
+        at: datetime,
+        fire_at: datetime | None = None,
+        missed: list[datetime] | None = None,
+    ) -> RunRow:
+        """Start a run (the lock), record ``missed`` fires, advance ``last_fire_at``.
+
+        All in one transaction. Raises ``AlreadyRunning`` (and changes nothing) when a run of
+        this schedule is in progress.
+        """
+        missed = missed or []
+        latest = max([t for t in [fire_at, *missed] if t is not None], default=None)
+        try:
+            with self.db.write() as conn:
+                self._record_missed(conn, schedule_id, missed, at)
+                cur = conn.execute(
+                    "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at, status)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (schedule_id, trigger, _iso(fire_at), _db.to_iso(at), RUNNING),
+                )
+                run_id = int(cur.lastrowid or 0)
+                if latest is not None:
+                    _advance(conn, schedule_id, latest)
+        except sqlite3.IntegrityError:
+            raise AlreadyRunning(schedule_id) from None
+        run = self.run(run_id)
+        assert run is not None
+        return run
+
+    def record(
+        self,
+        schedule_id: str,
+        status: str,
+        at: datetime,
+        message: str,
+        fire_at: datetime | None = None,
+        missed: list[datetime] | None = None,
+        trigger: str = "cron",
+    ) -> None:
+        """A fire that did not run (skipped: a run was in progress), plus missed fires."""
+        with self.db.write() as conn:
+            self._record_missed(conn, schedule_id, missed or [], at)
+            conn.execute(
+                "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at,"
+                " finished_at, status, message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    schedule_id,
+                    trigger,
+                    _iso(fire_at),
+                    _db.to_iso(at),
+                    _db.to_iso(at),
+                    status,
+                    message,
+                ),
+            )
+            latest = max([t for t in [fire_at, *(missed or [])] if t is not None], default=None)
+            if latest is not None:
+                _advance(conn, schedule_id, latest)
+
+    def record_missed(self, schedule_id: str, missed: list[datetime], at: datetime) -> None:
+        with self.db.write() as conn:
+            self._record_missed(conn, schedule_id, missed, at)
+            if missed:
+                _advance(conn, schedule_id, max(missed))
+
+    @staticmethod
+    def _record_missed(
+        conn: sqlite3.Connection, schedule_id: str, missed: list[datetime], at: datetime
+    ) -> None:
+        for fire in missed:
+            conn.execute(
+                "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at,"
+                " finished_at, status, message) VALUES (?, 'cron', ?, ?, ?, ?, ?)",
+                (
+                    schedule_id,
+                    _db.to_iso(fire),
+                    _db.to_iso(at),
+                    _db.to_iso(at),
+                    MISSED,
+                    "the agent was not running at the fire time and the grace window had passed",
+                ),
+            )
+
+    def finish(
+        self, run_id: int, status: str, at: datetime, message: str, results: list[dict[str, Any]]
+    ) -> None:
+        """End a run (releasing the lock) with its outcome."""
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"{status!r} is not a finished status")
+        with self.db.write() as conn:
+            conn.execute(
+                "UPDATE schedule_runs SET status = ?, finished_at = ?, message = ?, results = ?"
+                " WHERE id = ? AND status = ?",
+                (status, _db.to_iso(at), message, _db.dumps(results), run_id, RUNNING),
+            )
+
+    def fail_interrupted(self, at: datetime, message: str) -> int:
+        """Runs left ``running`` by an agent that died: failed, so their locks are released."""
+        with self.db.write() as conn:
+            cur = conn.execute(
+                "UPDATE schedule_runs SET status = ?, finished_at = ?, message = ?"
+                " WHERE status = ?",
+                (FAILED, _db.to_iso(at), message, RUNNING),
+            )
+            return cur.rowcount
+
+    def run(self, run_id: int) -> RunRow | None:
+        row = self.db.query_one("SELECT * FROM schedule_runs WHERE id = ?", (run_id,))
+        return _run(row) if row is not None else None
+
+    def running(self, schedule_id: str) -> RunRow | None:
+        row = self.db.query_one(
+            "SELECT * FROM schedule_runs WHERE schedule_id = ? AND status = ?",
+            (schedule_id, RUNNING),
+        )
+        return _run(row) if row is not None else None
+
+    def runs(self, schedule_id: str | None = None, limit: int = 50) -> list[RunRow]:
+        """Newest first."""
+        if schedule_id is None:
+            rows = self.db.query("SELECT * FROM schedule_runs ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.query(
+                "SELECT * FROM schedule_runs WHERE schedule_id = ? ORDER BY id DESC LIMIT ?",
+                (schedule_id, limit),
+            )
+        return [_run(r) for r in rows]
+
+    def runs_between(self, start: datetime, end: datetime) -> list[RunRow]:
+        """Runs started in ``[start, end)``, oldest first (for reports)."""
+        rows = self.db.query(
+            "SELECT * FROM schedule_runs WHERE started_at >= ? AND started_at < ? ORDER BY id",
+            (_db.to_iso(start), _db.to_iso(end)),
+        )
+        return [_run(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class TransitionRow:
+    vm_id: str
+    from_state: str | None
+    to_state: str
+    reason: str
+    at: datetime
+
+
+def transitions_before(db: Database, end: datetime) -> dict[str, list[TransitionRow]]:
+    """Every VM's state transitions before ``end``, oldest first, keyed by VM id: reports
+    need the state each VM was in when the period began, not only the changes inside it."""
+    rows = db.query("SELECT * FROM transitions WHERE at < ? ORDER BY id", (_db.to_iso(end),))
+    out: dict[str, list[TransitionRow]] = {}
+    for r in rows:
+        out.setdefault(r["vm_id"], []).append(
+            TransitionRow(
+                vm_id=r["vm_id"],
+                from_state=r["from_state"],
+                to_state=r["to_state"],
+                reason=r["reason"],
+                at=_db.from_iso(r["at"]),  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
+def _advance(conn: sqlite3.Connection, schedule_id: str, fire: datetime) -> None:
+    """Move last_fire_at forward only: a late writer never re-opens handled fires."""
+    conn.execute(
+        "UPDATE schedules SET last_fire_at = ? WHERE id = ? AND last_fire_at < ?",
+        (_db.to_iso(fire), schedule_id, _db.to_iso(fire)),
+    )
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return _db.to_iso(dt) if dt is not None else None
+
+
+def _schedule(row: sqlite3.Row) -> ScheduleRow:
+    return ScheduleRow(
+        id=row["id"],
+        name=row["name"],
+        action=row["action"],
+        vm=row["vm"],
+        selector=json.loads(row["selector"]) if row["selector"] else None,
+        cron=row["cron"],
+        tz=row["tz"],
+        spread_s=float(row["spread_s"]),
+        grace_s=float(row["grace_s"]),
+        options=json.loads(row["options"]),
+        enabled=bool(row["enabled"]),
+        created_at=_db.from_iso(row["created_at"]),  # type: ignore[arg-type]
+        updated_at=_db.from_iso(row["updated_at"]),  # type: ignore[arg-type]
+        last_fire_at=_db.from_iso(row["last_fire_at"]),  # type: ignore[arg-type]
+    )
+
+
+def _run(row: sqlite3.Row) -> RunRow:
+    return RunRow(
+        id=int(row["id"]),
+        schedule_id=row["schedule_id"],
+        trigger=row["trigger"],
+        fire_at=_db.from_iso(row["fire_at"]),
+        started_at=_db.from_iso(row["started_at"]),  # type: ignore[arg-type]
+        finished_at=_db.from_iso(row["finished_at"]),
+        status=row["status"],
+        message=row["message"],
+        results=json.loads(row["results"]),
+    )
