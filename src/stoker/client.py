@@ -164,6 +164,189 @@ class Client:
     def version(self) -> dict[str, Any]:
         return self.request("GET", "/api/v1/version")
 
+    # ------------------------------------------------------------------------ resources
+
+    def resources(self, history: str | None = None) -> dict[str, Any]:
+        """Capacity, allocations, usage, predictions, alerts; node samples over ``history``
+        (a duration such as "1h") when given."""
+        params: dict[str, Any] = {}
+        if history:
+            params = {"history": True, "duration": history}
+        return self.request("GET", "/api/v1/resources", params=params)
+
+    def vms_metrics(self) -> dict[str, Any]:
+        """The latest usage of every running VM."""
+        return self.request("GET", "/api/v1/vms/metrics")
+
+    def vm_metrics(self, ref: str, duration: str = "1h") -> dict[str, Any]:
+        """One VM's latest usage and its history over ``duration``."""
+        return self.request("GET", f"/api/v1/vms/{ref}/metrics", params={"duration": duration})
+
+    def prometheus_metrics(self) -> str:
+        """The Prometheus text exposition of ``/metrics``."""
+        return str(self.request("GET", "/metrics"))
+
+    # ---------------------------------------------------------------------------- quotas
+
+    def get_quota(self, ref: str) -> dict[str, Any]:
+        """The VM's quota, how each limit binds, its usage and violation counts."""
+        return self.request("GET", f"/api/v1/vms/{ref}/quota")
+
+    def set_quota(self, ref: str, **limits: Any) -> dict[str, Any]:
+        """Replace the VM's override: cpu_percent, memory_mib, disk_gib, disk_iops,
+        disk_bytes_per_s, network_mbps, network_pps (unset ones follow the defaults)."""
+        body = {k: v for k, v in limits.items() if v is not None}
+        return self.request("PUT", f"/api/v1/vms/{ref}/quota", json=body)
+
+    def remove_quota(self, ref: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/v1/vms/{ref}/quota")
+
+    def list_quotas(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/quotas")
+
+    # ------------------------------------------------------------------------- snapshots
+
+    def create_snapshot(
+        self,
+        ref: str,
+        kind: str = "manual",
+        tags: list[str] | None = None,
+        protected: bool | None = None,
+    ) -> dict[str, Any]:
+        """Snapshot a VM (kind ``manual`` or ``pre-update``); answers when it is complete."""
+        body: dict[str, Any] = {"kind": kind, "tags": tags or []}
+        if protected is not None:
+            body["protected"] = protected
+        return self.request("POST", f"/api/v1/vms/{ref}/snapshots", json=body)
+
+    def list_snapshots(self, ref: str | None = None) -> list[dict[str, Any]]:
+        if ref is None:
+            return self.request("GET", "/api/v1/snapshots")
+        return self.request("GET", f"/api/v1/vms/{ref}/snapshots")
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/snapshots/{snapshot_id}")
+
+    def delete_snapshot(self, snapshot_id: str, force: bool = False) -> None:
+        self.request("DELETE", f"/api/v1/snapshots/{snapshot_id}", params={"force": force})
+
+    def restore_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        """Returns ``{"snapshot": ..., "vm": ...}`` once the VM runs again."""
+        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/restore")
+
+    def verify_snapshot(self, snapshot_id: str, deep: bool = False) -> dict[str, Any]:
+        return self.request(
+            "POST", f"/api/v1/snapshots/{snapshot_id}/verify", params={"deep": deep}
+        )
+
+    def protect_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/protect")
+
+    def unprotect_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/unprotect")
+
+    def set_snapshot_policy(
+        self, ref: str, retention: str | None, interval: str | None = None
+    ) -> dict[str, Any]:
+        return self.request(
+            "PUT",
+            f"/api/v1/vms/{ref}/snapshot-policy",
+            json={"retention": retention, "interval": interval},
+        )
+
+    def get_snapshot_policy(self, ref: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/vms/{ref}/snapshot-policy")
+
+    def auto_snapshot(self, ref: str) -> dict[str, Any]:
+        """An automatic snapshot now, then pruning by the VM's policy."""
+        return self.request("POST", f"/api/v1/vms/{ref}/snapshots/auto")
+
+    def prune_snapshots(self, ref: str, dry_run: bool = False) -> dict[str, Any]:
+        return self.request(
+            "POST", f"/api/v1/vms/{ref}/snapshots/prune", params={"dry_run": dry_run}
+        )
+
+    # ------------------------------------------------------------------------- schedules
+
+    def create_schedule(
+        self,
+        action: str,
+        cron: str,
+        vm: str | None = None,
+        selector: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """fields: name, tz, spread_s, grace_s, enabled, options."""
+        body: dict[str, Any] = {"action": action, "cron": cron, **fields}
+        if vm is not None:
+            body["vm"] = vm
+        if selector is not None:
+            body["selector"] = selector
+        return self.request("POST", "/api/v1/schedules", json=body)
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/schedules")
+
+    def get_schedule(self, ref: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/schedules/{ref}")
+
+    def update_schedule(self, ref: str, **changes: Any) -> dict[str, Any]:
+        return self.request("PATCH", f"/api/v1/schedules/{ref}", json=changes)
+
+    def delete_schedule(self, ref: str) -> None:
+        self.request("DELETE", f"/api/v1/schedules/{ref}")
+
+    def enable_schedule(self, ref: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/schedules/{ref}/enable")
+
+    def disable_schedule(self, ref: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/schedules/{ref}/disable")
+
+    def run_schedule(self, ref: str, wait: bool = False) -> dict[str, Any]:
+        return self.request("POST", f"/api/v1/schedules/{ref}/run", params={"wait": wait})
+
+    def schedule_runs(self, ref: str, limit: int = 50) -> list[dict[str, Any]]:
+        return self.request("GET", f"/api/v1/schedules/{ref}/runs", params={"limit": limit})
+
+    # --------------------------------------------------------------------------- reports
+
+    def list_reports(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/v1/reports")
+
+    def get_report(self, label: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/v1/reports/{label}")
+
+    def generate_report(self, period: str, day: str | None = None) -> dict[str, Any]:
+        """period: daily, weekly or monthly; day: YYYY-MM-DD inside it (default today)."""
+        params = {"date": day} if day else {}
+        return self.request("POST", f"/api/v1/reports/{period}", params=params)
+
+    # ---------------------------------------------------------------------------- events
+
+    def events(
+        self,
+        vm: str | None = None,
+        since: str | None = None,
+        type: str | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Logged events, oldest first; ``since`` is an ISO time or a duration ('10m')."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("vm", vm), ("since", since), ("type", type), ("after", after)):
+            if value is not None:
+                params[key] = value
+        return self.request("GET", "/api/v1/events", params=params)
+
+    def stream_events(
+        self, vm: str | None = None, type: str | None = None, after: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Events as they happen (server-sent events), each a dict like ``events()`` gives."""
+        params = {k: v for k, v in (("vm", vm), ("type", type), ("after", after)) if v is not None}
+        for line in self.stream_lines("/api/v1/events/stream", **params):
+            if line.startswith("data:"):
+                yield json.loads(line[5:].strip())
+
 
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)

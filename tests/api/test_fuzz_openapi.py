@@ -22,9 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def fuzz_agent():
     port = free_port()
-    proc = AgentProcess(
-        env={"STOKER_API__TCP_PORT": str(port), "STOKER_API__TOKEN": TOKEN}
-    ).start()
+    proc = AgentProcess(env={"STOKER_API__TCP_PORT": str(port), "STOKER_API__TOKEN": TOKEN}).start()
     with proc.client() as api:
         # something to find: a registered (never started) VM
         api.create_vm(guest_spec("fuzz-target"))
@@ -60,6 +58,4 @@ def test_api_never_fails_and_matches_its_schema(case, fuzz_agent):
     # path that does not exist on this host, a VM in the wrong state): those answer 4xx with a
     # problem, so "valid data must be accepted" does not hold and is not checked.
     _, url = fuzz_agent
-    case.call_and_validate(
-        base_url=url, headers=AUTH, excluded_checks=[positive_data_acceptance]
-    )
+    case.call_and_validate(base_url=url, headers=AUTH, excluded_checks=[positive_data_acceptance])

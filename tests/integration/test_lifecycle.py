@@ -30,7 +30,8 @@ def test_create_start_running_with_guest_http(agent):
         assert vm["state_reason"] == "guest ready"
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 10) == (200, "ok\n")
         shown = api.get_vm(vm["id"])
-        assert [t["to_state"] for t in shown["transitions"]][:3] == ["running", "starting", "pending"]
+        states = [t["to_state"] for t in shown["transitions"]]
+        assert states[:3] == ["running", "starting", "pending"]
         assert all(t["at"].endswith("Z") for t in shown["transitions"])
         assert shown["process"]["accel"] == "tcg"
         health = api.vm_health("web")

@@ -29,7 +29,11 @@ def test_defaults_follow_the_seed() -> None:
 
 def test_crossing_raises_once_and_staying_above_does_not_reraise() -> None:
     assert run(DEFAULT_THRESHOLDS["cpu"], [0.5, 0.8, 0.95, 0.9, 0.81]) == [
-        None, "raised", None, None, None
+        None,
+        "raised",
+        None,
+        None,
+        None,
     ]
 
 
@@ -44,7 +48,10 @@ def test_between_clear_and_raise_stays_active() -> None:
 
 def test_below_clear_at_clears_and_can_raise_again() -> None:
     assert run(DEFAULT_THRESHOLDS["memory"], [0.92, 0.849, 0.88, 0.9]) == [
-        "raised", "cleared", None, "raised"
+        "raised",
+        "cleared",
+        None,
+        "raised",
     ]
 
 

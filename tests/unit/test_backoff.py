@@ -71,9 +71,11 @@ EXPECTED = {
 
 @pytest.mark.parametrize(
     ("policy", "reason"),
-    list(itertools.product(["never", "on-failure", "always"], list(dict.fromkeys(
-        r for _, r in EXPECTED
-    )))),
+    list(
+        itertools.product(
+            ["never", "on-failure", "always"], list(dict.fromkeys(r for _, r in EXPECTED))
+        )
+    ),
 )
 def test_policy_by_stop_reason(policy: str, reason: str) -> None:
     dec = d(policy, reason)

@@ -26,9 +26,7 @@ caps = st.builds(
     cpu_overcommit=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0]),
     memory_headroom=st.sampled_from([0.0, 0.1, 0.2, 0.5]),
 )
-requests = st.builds(
-    Request, vcpus=st.integers(0, 16), memory_bytes=st.integers(0, 16 * GiB)
-)
+requests = st.builds(Request, vcpus=st.integers(0, 16), memory_bytes=st.integers(0, 16 * GiB))
 
 
 def within(cap: NodeCapacity, a: Allocation) -> bool:

@@ -48,7 +48,7 @@ def test_bad_toml_says_where(tmp_path):
 def test_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text("[api]\nsockett = '/x'\n")
-    with pytest.raises(ConfigError, match="api.sockett"):
+    with pytest.raises(ConfigError, match=r"api\.sockett"):
         load_config(path, environ={})
 
 

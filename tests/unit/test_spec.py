@@ -65,7 +65,10 @@ def test_port_forward_needs_user_network():
 def test_duplicate_host_port():
     net = {
         "mode": "user",
-        "port_forwards": [{"host_port": 8080, "guest_port": 80}, {"host_port": 8080, "guest_port": 81}],
+        "port_forwards": [
+            {"host_port": 8080, "guest_port": 80},
+            {"host_port": 8080, "guest_port": 81},
+        ],
     }
     assert any("forwarded twice" in m for m in errors(network=net).values())
 
@@ -90,5 +93,7 @@ def test_cmdline_one_line():
 
 
 def test_round_trip_json():
-    spec = VMSpec.model_validate({**BASE, "labels": {"tier": "web"}, "drives": [{"path": "/d.img"}]})
+    spec = VMSpec.model_validate(
+        {**BASE, "labels": {"tier": "web"}, "drives": [{"path": "/d.img"}]}
+    )
     assert VMSpec.model_validate_json(spec.model_dump_json()) == spec

@@ -71,8 +71,16 @@ def test_parse_duration_rejects_with_a_clear_message(text: str, match: str) -> N
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0ms"), (0.25, "250ms"), (1.5, "1.5s"), (45, "45s"), (5400, "1h30m"),
-     (90_000, "1d1h"), (8 * 86_400, "1w1d"), (-60, "-1m")],
+    [
+        (0, "0ms"),
+        (0.25, "250ms"),
+        (1.5, "1.5s"),
+        (45, "45s"),
+        (5400, "1h30m"),
+        (90_000, "1d1h"),
+        (8 * 86_400, "1w1d"),
+        (-60, "-1m"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
@@ -88,8 +96,17 @@ def test_duration_round_trip(seconds: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "n"),
-    [("512M", 512 * MiB), ("4G", 4 * GiB), ("4GiB", 4 * GiB), ("4gb", 4 * GiB),
-     ("1.5G", 3 * GiB // 2), ("65536", 65536), ("100B", 100), ("1K", 1024), (7, 7)],
+    [
+        ("512M", 512 * MiB),
+        ("4G", 4 * GiB),
+        ("4GiB", 4 * GiB),
+        ("4gb", 4 * GiB),
+        ("1.5G", 3 * GiB // 2),
+        ("65536", 65536),
+        ("100B", 100),
+        ("1K", 1024),
+        (7, 7),
+    ],
 )
 def test_parse_size(text: str | int, n: int) -> None:
     assert parse_size(text) == n

@@ -95,3 +95,5 @@ class HealthOut(BaseModel):
     probes: list[dict[str, Any]] = Field(default_factory=list)
     consecutive_failures: int = 0
     last_error: str | None = None
+    since: datetime | None = Field(default=None, description="when the verdict last changed")
+    reason: str | None = Field(default=None, description="why the verdict is what it is")

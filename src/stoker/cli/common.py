@@ -34,22 +34,26 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except AgentUnreachable as exc:
-            err.print(f"[red]error:[/red] {exc.detail}", highlight=False)
+            err.print(f"[red]error:[/red] {exc.detail}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except StokerError as exc:
-            err.print(f"[red]error:[/red] {exc.detail}", highlight=False)
+            err.print(f"[red]error:[/red] {exc.detail}", highlight=False, soft_wrap=True)
             for item in exc.body.get("errors") or []:
-                err.print(f"  - {item.get('field')}: {item.get('message')}", highlight=False)
+                err.print(
+                    f"  - {item.get('field')}: {item.get('message')}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             if exc.body.get("allowed_actions") is not None:
                 allowed = ", ".join(exc.body["allowed_actions"]) or "none"
-                err.print(f"  allowed actions: {allowed}", highlight=False)
+                err.print(f"  allowed actions: {allowed}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

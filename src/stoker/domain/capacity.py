@@ -37,9 +37,7 @@ class NodeCapacity:
         if not (math.isfinite(self.cpu_overcommit) and self.cpu_overcommit > 0):
             raise ValueError(f"cpu_overcommit must be positive, got {self.cpu_overcommit}")
         if not 0 <= self.memory_headroom < 1:
-            raise ValueError(
-                f"memory_headroom is a fraction in [0, 1), got {self.memory_headroom}"
-            )
+            raise ValueError(f"memory_headroom is a fraction in [0, 1), got {self.memory_headroom}")
 
     @property
     def vcpu_limit(self) -> int:

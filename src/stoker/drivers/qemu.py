@@ -168,7 +168,13 @@ class QemuDriver:
     async def restore(self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path) -> QemuVMM:
         """Start QEMU waiting for migration data from ``state``, then run it."""
         vmm = await self._launch(spec, paths, self.argv(spec, paths, incoming=state))
-        await vmm.finish_incoming()
+        try:
+            await vmm.finish_incoming()
+        except BaseException:
+            # never leave a half-restored QEMU behind: nobody else knows its pid yet
+            await vmm.kill()
+            await vmm.close()
+            raise
         return vmm
 
     async def _launch(self, spec: VMSpec, paths: VMPaths, argv: Sequence[str]) -> QemuVMM:
@@ -334,20 +340,37 @@ class QemuVMM:
             )
         iops = limits.disk_iops or 0
         bps = limits.disk_bytes_per_s or 0
+        # On microvm the virtio-blk-device sits on the virtio-mmio bus with no virtio-backend
+        # child: its qdev id ("vd0", as query-block shows) is the name QMP accepts. One
+        # throttle group for every drive makes the limit per VM, not per drive.
         for index, _drive in enumerate(self.spec.drives):
             await self.execute(
                 "block_set_io_throttle",
                 {
-                    "id": f"/machine/peripheral/vd{index}/virtio-backend",
+                    "id": f"vd{index}",
                     "bps": bps, "bps_rd": 0, "bps_wr": 0,
                     "iops": iops, "iops_rd": 0, "iops_wr": 0,
+                    "group": "stoker-vm",
                 },
             )  # fmt: skip
 
     async def save_state(self, dest: Path) -> None:
-        """Save RAM and device state to ``dest`` via ``migrate exec:`` (7.2 rejects ``file:``)."""
+        """Save RAM and device state to ``dest`` (7.2 rejects ``file:`` migration URIs).
+
+        The file is opened here and handed to QEMU over QMP (``getfd`` + ``fd:``), so QEMU
+        writes it itself: with ``exec:cat > FILE`` QEMU closes the pipe and SIGTERMs a
+        ``cat`` that may not have written the last bytes yet, and "completed" does not
+        mean the file is complete. With the fd, completed means every byte is in the file.
+        """
         await self.execute("migrate-set-parameters", {"max-bandwidth": 64 * 1024 * 1024 * 1024})
-        await self.execute("migrate", {"uri": f"exec:cat > {_quote_for_exec(dest)}"})
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            client = await self.connect(5.0)
+            client.send_fd_scm(fd)
+            await self.execute("getfd", {"fdname": "stoker-state"})
+        finally:
+            os.close(fd)
+        await self.execute("migrate", {"uri": "fd:stoker-state"})
         while True:
             info = await self.execute("query-migrate")
             status = info.get("status")

@@ -114,6 +114,8 @@ class Lifecycle:
         #: called before a VMM is spawned (hooks may veto); after a VMM is up (quotas, health)
         self.pre_start: list[PreStartHook] = []
         self.on_vmm_up: list[VMMListener] = []
+        #: called at create with the spec; raise InvalidSpec to refuse it (quotas)
+        self.create_checks: list[Callable[[VMSpec], None]] = []
 
     # ----------------------------------------------------------------- the one path for state
 
@@ -190,6 +192,8 @@ class Lifecycle:
 
     async def create(self, spec: VMSpec) -> VM:
         self.validate_host(spec)
+        for check in self.create_checks:
+            check(spec)
         if self.vms.get(spec.name) is not None:
             raise Conflict(f"a VM named {spec.name!r} already exists")
         now = self.clock()
@@ -244,9 +248,7 @@ class Lifecycle:
             self.gate.release(vm.id)
             raise
 
-    async def _spawn(
-        self, vm: VM, boot_state: VMState, restore_from: Path | None = None
-    ) -> None:
+    async def _spawn(self, vm: VM, boot_state: VMState, restore_from: Path | None = None) -> None:
         """Spawn a VMM, persist its identity at once, then hand it to a supervisor."""
         paths = self.paths(vm.id)
         driver = self.driver_for(vm.spec)
@@ -263,9 +265,7 @@ class Lifecycle:
         self.vms.set_process(vm.id, asdict(vmm.record))
         self._own(vm, vmm, boot_state, restored=restore_from is not None)
 
-    def _own(
-        self, vm: VM, vmm: VMM, boot_state: VMState | None, restored: bool = False
-    ) -> None:
+    def _own(self, vm: VM, vmm: VMM, boot_state: VMState | None, restored: bool = False) -> None:
         watch = ExitWatch(vmm.record.pid, vmm.child)
         self._owned[vm.id] = _Owned(vmm, watch)
         self._spawn_task(self._supervise(vm.id, vmm, watch, boot_state, restored))

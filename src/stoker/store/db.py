@@ -29,7 +29,7 @@ def to_iso(dt: datetime) -> str:
 def from_iso(text: str | None) -> datetime | None:
     if text is None:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return datetime.fromisoformat(text)  # C-fast; strptime dominated listing many rows
 
 
 def dumps(value: Any) -> str:

@@ -7,6 +7,8 @@ they can grow independently.
 
 from __future__ import annotations
 
+from stoker.store import health, quotas, resources, schedules, snapshots
+
 MIGRATIONS: list[str] = [
     # 1: VMs, their state history and the event log
     """
@@ -43,4 +45,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_by_vm ON events (vm_id, id);
     CREATE INDEX events_by_type ON events (type, id);
     """,
+    health.SCHEMA,
+    schedules.SCHEMA,
+    resources.SCHEMA,
+    snapshots.SCHEMA,
+    quotas.SCHEMA,
 ]
