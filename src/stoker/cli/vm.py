@@ -326,7 +326,10 @@ def health(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
         print_json(answer)
         return
     colour = {"healthy": "green", "unhealthy": "red"}.get(answer["health"], "yellow")
-    out.print(f"{answer['vm']}: [{colour}]{answer['health']}[/] (state {answer['state']})")
+    since = f", since {answer['since']}" if answer.get("since") else ""
+    out.print(f"{answer['vm']}: [{colour}]{answer['health']}[/] (state {answer['state']}{since})")
+    if answer.get("reason"):
+        out.print(f"  why: {answer['reason']}", highlight=False)
     vmm = answer["vmm"]
     out.print(
         f"  vmm: process {'alive' if vmm.get('process_alive') else 'not running'}, "

@@ -218,6 +218,11 @@ class Lifecycle:
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
 
+    def exclusive(self, vm_id: str) -> asyncio.Lock:
+        """The VM's operation lock: hold it to keep start, stop, restart and delete out while
+        working on the VM's VMM or disks (a snapshot does)."""
+        return self._lock(vm_id)
+
     async def start(
         self, ref: str, reason: str = "start requested", restore_from: Path | None = None
     ) -> VM:

@@ -224,8 +224,11 @@ class QuotaService:
         """Right after spawn, before the guest touches its RAM: memory is charged to the
         cgroup a page is first touched in and is not moved with the process (v1 here refuses
         move_charge_at_immigrate, v2 never moves it), so only an early move makes the memory
-        limit see the guest. Failures are reported by ``on_vmm_up``, which applies again."""
-        vm = self.lifecycle.get(vm_id, 0)
+        limit see the guest. Failures are reported by ``on_vmm_up``, which applies again.
+        A VMM of no registered VM (a snapshot's throwaway verification copy) has no quota."""
+        vm = self.lifecycle.vms.get(vm_id)
+        if vm is None:
+            return
         quota = enforceable_part(self.effective(vm_id), plan(self.effective(vm_id), spec))
         probe = Applied(at=datetime.now(UTC))
         try:

@@ -420,7 +420,7 @@ class SnapshotService:
             (tmp / "spec.json").write_text(vm.spec.model_dump_json(indent=2))
             # the lifecycle lock keeps stop/restart/start out while disks and memory are taken
             known: dict[str, dict[str, Any]] = {}
-            async with self.lifecycle._lock(vm.id):
+            async with self.lifecycle.exclusive(vm.id):
                 vm = self.lifecycle.get(vm.id, 0)
                 vmm = self.lifecycle.vmm(vm.id) if vm.state == S.RUNNING else None
                 if live and vmm is None:
@@ -549,7 +549,7 @@ class SnapshotService:
             reason = f"restoring snapshot {snap.id}"
             if vm.state not in (S.STOPPED, S.PENDING):
                 vm = await self.lifecycle.stop(vm.id, graceful=False, reason=reason)
-            async with self.lifecycle._lock(vm.id):
+            async with self.lifecycle.exclusive(vm.id):
                 await asyncio.to_thread(self._put_disks_back, vm.spec, root, snap.id)
             if snap.with_memory:
                 await self.lifecycle.start(
@@ -760,10 +760,6 @@ class SnapshotService:
         root = Path(snap.path)
         spec = VMSpec.model_validate_json((root / "spec.json").read_text())
         driver = self.lifecycle.driver_for(spec)
-        # Wrappers (the quotas capability puts each VM's VMM into its cgroup) know only
-        # registered VMs; the throwaway is none of them, so talk to the bare driver.
-        while hasattr(driver, "_inner"):
-            driver = driver._inner
         work = Path(tempfile.mkdtemp(prefix=".verify-", dir=root.parent))
         vmm: VMM | None = None
         began = time.monotonic()
@@ -791,7 +787,9 @@ class SnapshotService:
             timeout = self.settings.deep_verify_timeout_s
             async with asyncio.timeout(timeout):
                 if snap.with_memory:
-                    vmm = await self._restore_throwaway(driver, throwaway, paths, root / MEMORY)
+                    vmm = await self._restore_throwaway(
+                        driver, f"verify-{snap.id}", throwaway, paths, root / MEMORY
+                    )
                     ready = time.monotonic() - began
                     await self._stays_running(vmm, self.settings.deep_verify_settle_s)
                     return (
@@ -813,9 +811,9 @@ class SnapshotService:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _restore_throwaway(
-        self, driver: Any, spec: VMSpec, paths: VMPaths, memory: Path
+        self, driver: Any, throwaway_id: str, spec: VMSpec, paths: VMPaths, memory: Path
     ) -> VMM:
-        vmm: VMM = await driver.restore(f"verify-{spec.name}", spec, paths, memory)
+        vmm: VMM = await driver.restore(throwaway_id, spec, paths, memory)
         return vmm
 
     @staticmethod
