@@ -6,6 +6,8 @@ the fuzzer talks to it over a real socket.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 import schemathesis
@@ -49,7 +51,8 @@ def test_served_document_is_the_one_fuzzed(fuzz_agent):
 
 @schema.parametrize()
 @settings(
-    max_examples=15,
+    # CI keeps the suite short; STOKER_FUZZ_EXAMPLES=200 for a deeper run
+    max_examples=int(os.environ.get("STOKER_FUZZ_EXAMPLES", "15")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
