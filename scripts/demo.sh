@@ -20,13 +20,16 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 mkdir -p "$DEMO_DIR"
-if ! [ -S "$SOCK" ] || ! stoker version >/dev/null 2>&1; then
+agent_up() { stoker vm list --json >/dev/null 2>&1; }
+
+if ! agent_up; then
     STOKER_DATA_DIR="$DEMO_DIR" nohup "$BIN/stoker" agent >"$DEMO_DIR/agent.log" 2>&1 &
     echo $! >"$DEMO_DIR/agent.pid"
     for _ in $(seq 100); do
-        stoker version >/dev/null 2>&1 && break
+        agent_up && break
         sleep 0.1
     done
+    agent_up || { echo "the agent did not start; see $DEMO_DIR/agent.log" >&2; exit 1; }
     echo "agent running (pid $(cat "$DEMO_DIR/agent.pid"), log $DEMO_DIR/agent.log, socket $SOCK)"
 fi
 

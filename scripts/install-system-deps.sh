@@ -8,7 +8,9 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 
 have_cmd qemu-system-x86_64 || need+=(qemu-system-x86)
 have_cmd qemu-img || need+=(qemu-utils)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || need+=(busybox-static)
+# (no pipe into grep -q: with pipefail, busybox's SIGPIPE would count as failure)
+applets=$( [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null || true )
+grep -qx httpd <<<"$applets" || need+=(busybox-static)
 have_cmd cpio || need+=(cpio)
 have_cmd mkfs.ext4 || need+=(e2fsprogs)
 have_cmd ip || need+=(iproute2)
