@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from stoker.cli.common import (
@@ -165,7 +166,12 @@ def list_(
     if as_json:
         print_json(vms)
         return
-    table = Table("NAME", "STATE", "SINCE", "REASON", "VCPUS", "MEMORY", "PID", "RESTARTS", "ID")
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("NAME", "STATE", "SINCE"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("REASON", overflow="fold", ratio=1)
+    for column in ("CPU", "MEM", "PID", "RESTARTS", "ID"):
+        table.add_column(column, no_wrap=True, justify="right" if column != "ID" else "left")
     for vm in vms:
         spec = vm["spec"]
         table.add_row(
@@ -174,10 +180,10 @@ def list_(
             ago(vm["state_since"]),
             vm["state_reason"],
             str(spec["vcpus"]),
-            f"{spec['memory_mib']} MiB",
+            f"{spec['memory_mib']}M",
             str(vm["process"]["pid"]) if vm.get("process") else "-",
             str(vm["restart"]["count"]),
-            vm["id"][:12],
+            vm["id"][:8],
         )
     out.print(table)
 
