@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.table import Table
 
 from stoker.cli.common import JSON_OPTION, client, err, handle_errors, out, print_json
+from stoker.domain.units import GiB, MiB
 
 app = typer.Typer(
     help="Per-VM quotas: CPU cap, memory, disk size, IOPS and bandwidth, network.",
@@ -15,6 +17,8 @@ app = typer.Typer(
 )
 
 MB = 1_000_000
+
+VM_ARGUMENT = typer.Argument(..., help="VM name or id.")
 
 LABELS = {
     "cpu_percent": "CPU",
@@ -40,22 +44,20 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="quota")
 
 
+#: How each limit's value reads (the API gives plain numbers in the quota's units).
+LIMIT_FORMAT: dict[str, Callable[[Any], str]] = {
+    "cpu_percent": lambda v: f"{v}% ({v / 100:g} cores)",
+    "memory_mib": "{} MiB".format,
+    "disk_gib": "{} GiB".format,
+    "disk_iops": "{} ops/s".format,
+    "disk_bytes_per_s": lambda v: f"{v / MB:g} MB/s",
+    "network_mbps": lambda v: f"{v:g} Mbps",
+    "network_pps": "{} pkt/s".format,
+}
+
+
 def _limit_text(name: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if name == "cpu_percent":
-        return f"{value}% ({value / 100:g} cores)"
-    if name == "memory_mib":
-        return f"{value} MiB"
-    if name == "disk_gib":
-        return f"{value} GiB"
-    if name == "disk_iops":
-        return f"{value} ops/s"
-    if name == "disk_bytes_per_s":
-        return f"{value / MB:g} MB/s"
-    if name == "network_mbps":
-        return f"{value:g} Mbps"
-    return f"{value} pkt/s"
+    return "-" if value is None else LIMIT_FORMAT[name](value)
 
 
 def _usage_text(name: str, view: dict[str, Any]) -> str:
@@ -65,12 +67,12 @@ def _usage_text(name: str, view: dict[str, Any]) -> str:
     if name == "memory_mib":
         guest = f"guest {usage.get('guest_memory_mib')} MiB"
         if usage.get("memory_bytes") is not None:
-            return f"{guest}, VMM {usage['memory_bytes'] / 2**20:.0f} MiB"
+            return f"{guest}, VMM {usage['memory_bytes'] / MiB:.0f} MiB"
         return guest
     if name == "disk_gib":
         return (
-            f"{usage.get('disk_bytes', 0) / 2**30:.2f} GiB "
-            f"({usage.get('disk_allocated_bytes', 0) / 2**30:.2f} GiB allocated)"
+            f"{usage.get('disk_bytes', 0) / GiB:.2f} GiB "
+            f"({usage.get('disk_allocated_bytes', 0) / GiB:.2f} GiB allocated)"
         )
     if name == "disk_iops" and usage.get("disk_iops") is not None:
         return f"{usage['disk_iops']:.0f} ops/s"
@@ -120,11 +122,22 @@ def _print_view(view: dict[str, Any]) -> None:
         out.print(f"cgroup: {view['cgroup']}", highlight=False)
 
 
+def _show(view: dict[str, Any], as_json: bool, note: str = "", table: bool = True) -> None:
+    """JSON for scripts; for people, the quota table and/or a one-line note."""
+    if as_json:
+        print_json(view)
+        return
+    if table:
+        _print_view(view)
+    if note:
+        out.print(note)
+
+
 @app.command("set")
 @handle_errors
 def set_quota(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     cpu: int | None = typer.Option(None, "--cpu", help="CPU cap, percent of one core (200 = 2)."),
     memory: int | None = typer.Option(None, "--memory", help="Most guest RAM allowed, MiB."),
     disk: int | None = typer.Option(None, "--disk", help="Total drive size allowed, GiB."),
@@ -148,32 +161,26 @@ def set_quota(
         disk_bytes_per_s=None if disk_bw is None else round(disk_bw * MB),
         network_pps=pps,
     )
-    if as_json:
-        print_json(view)
-        return
-    _print_view(view)
-    if view["state"] == "running":
-        out.print("[green]quota applied to the running VM[/green]")
-    else:
-        out.print("quota saved; it applies when the VM starts")
+    note = (
+        "[green]quota applied to the running VM[/green]"
+        if view["state"] == "running"
+        else "quota saved; it applies when the VM starts"
+    )
+    _show(view, as_json, note)
 
 
 @app.command("get")
 @handle_errors
 def get_quota(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show a VM's quota and current usage side by side, with violation counts.
 
     Example: stoker quota get web-server
     """
-    view = client(ctx).get_quota(vm)
-    if as_json:
-        print_json(view)
-        return
-    _print_view(view)
+    _show(client(ctx).get_quota(vm), as_json)
 
 
 @app.command("list")
@@ -210,7 +217,7 @@ def list_quotas(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @handle_errors
 def remove_quota(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Remove a VM's own quota; the configured defaults apply again.
@@ -218,7 +225,4 @@ def remove_quota(
     Example: stoker quota remove web-server
     """
     view = client(ctx).remove_quota(vm)
-    if as_json:
-        print_json(view)
-        return
-    out.print(f"quota override of {view['vm']} removed; defaults apply")
+    _show(view, as_json, f"quota override of {view['vm']} removed; defaults apply", table=False)

@@ -27,6 +27,12 @@ FIELDS = (
     "network_mbps",
     "network_pps",
 )
+#: Limits that bind through the VMM's cgroup.
+CGROUP_FIELDS = ("cpu_percent", "memory_mib")
+#: Limits that bind through the VMM's disk throttling.
+DISK_RATE_FIELDS = ("disk_iops", "disk_bytes_per_s")
+#: Limits that bind on the VM's network interface.
+NETWORK_FIELDS = ("network_mbps", "network_pps")
 
 CPU_MIN_PERCENT = 1  # 1% of a 100 ms period is the kernel's 1 ms minimum quota
 CPU_MAX_PERCENT = 100 * 1024
@@ -159,7 +165,7 @@ def plan(quota: Quota, spec: VMSpec) -> Enforcement:
         enforced["memory_mib"] = "cgroup memory limit on the VMM (guest RAM + VMM overhead)"
     if quota.disk_gib is not None:
         enforced["disk_gib"] = "drive sizes checked at create, start and quota change"
-    for name in ("disk_iops", "disk_bytes_per_s"):
+    for name in DISK_RATE_FIELDS:
         if getattr(quota, name) is not None:
             enforced[name] = (
                 "QEMU throttle group over all drives (QMP block_set_io_throttle)"
@@ -167,7 +173,7 @@ def plan(quota: Quota, spec: VMSpec) -> Enforcement:
                 else "Firecracker drive rate limiter"
             )
     mode = spec.network.mode
-    for name in ("network_mbps", "network_pps"):
+    for name in NETWORK_FIELDS:
         if getattr(quota, name) is None:
             continue
         if mode == NetworkMode.NONE:

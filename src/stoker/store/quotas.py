@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,18 +56,37 @@ class ViolationCount:
             "last_detail": self.last_detail,
         }
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ViolationCount:
+        return cls(
+            row["vm_id"],
+            row["kind"],
+            row["episodes"],
+            row["samples"],
+            row["total"],
+            from_iso(row["first_at"]),  # type: ignore[arg-type]
+            from_iso(row["last_at"]),  # type: ignore[arg-type]
+            row["last_detail"],
+        )
+
+
+def _quota(text: str) -> dict[str, Any]:
+    return dict(json.loads(text))
+
 
 class QuotaStore:
+    """Overrides are stored as the JSON of the fields set; counters are one row per VM and kind."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def get(self, vm_id: str) -> dict[str, Any] | None:
         row = self.db.query_one("SELECT quota FROM vm_quotas WHERE vm_id = ?", (vm_id,))
-        return None if row is None else dict(json.loads(row["quota"]))
+        return None if row is None else _quota(row["quota"])
 
     def all(self) -> dict[str, dict[str, Any]]:
         rows = self.db.query("SELECT vm_id, quota FROM vm_quotas")
-        return {r["vm_id"]: dict(json.loads(r["quota"])) for r in rows}
+        return {r["vm_id"]: _quota(r["quota"]) for r in rows}
 
     def put(self, vm_id: str, quota: dict[str, Any], at: datetime) -> None:
         with self.db.write() as conn:
@@ -103,22 +123,7 @@ class QuotaStore:
             )
 
     def violations(self, vm_id: str | None = None) -> list[ViolationCount]:
-        if vm_id is None:
-            rows = self.db.query("SELECT * FROM quota_violations ORDER BY vm_id, kind")
-        else:
-            rows = self.db.query(
-                "SELECT * FROM quota_violations WHERE vm_id = ? ORDER BY kind", (vm_id,)
-            )
-        return [
-            ViolationCount(
-                r["vm_id"],
-                r["kind"],
-                r["episodes"],
-                r["samples"],
-                r["total"],
-                from_iso(r["first_at"]),  # type: ignore[arg-type]
-                from_iso(r["last_at"]),  # type: ignore[arg-type]
-                r["last_detail"],
-            )
-            for r in rows
-        ]
+        """Every VM's counters, or one VM's; ordered by VM, then kind."""
+        where, params = ("", ()) if vm_id is None else (" WHERE vm_id = ?", (vm_id,))
+        rows = self.db.query(f"SELECT * FROM quota_violations{where} ORDER BY vm_id, kind", params)
+        return [ViolationCount.from_row(r) for r in rows]

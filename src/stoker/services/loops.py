@@ -1,0 +1,43 @@
+"""A Background that runs one coroutine at a fixed interval until the agent stops.
+
+Several capabilities need exactly this (quota monitoring, resource sampling, automatic
+snapshots, watchdogs): start a task, keep going after a failing round (logged, never a loop
+that dies silently), and cancel cleanly on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("stoker.loops")
+
+
+class PeriodicTask:
+    """Runs ``tick`` now and then again ``interval_s`` seconds after each round ends."""
+
+    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval_s: float) -> None:
+        self.name = name
+        self.tick = tick
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # one failing round must not end the loop
+                log.exception("%s: round failed; next in %gs", self.name, self.interval_s)
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,228 @@
+"""Making each limit bind on a running VM, and reading it back.
+
+A CPU cap and a memory limit go on the VMM's own cgroup, disk rates on a QEMU throttle group
+(or Firecracker's drive limiter), network rates on tc for a QEMU TAP (or Firecracker's
+interface limiter). Every limit is read back after it is set: a limit that does not take
+effect is a failure with the reason, never a silent success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from stoker.domain.quota import (
+    CGROUP_FIELDS,
+    DISK_RATE_FIELDS,
+    NETWORK_FIELDS,
+    Enforcement,
+    Quota,
+    enforceable_part,
+    plan,
+)
+from stoker.domain.spec import Hypervisor, NetworkMode, VMSpec
+from stoker.domain.units import (
+    MiB,
+    mbps_to_bytes_per_s,
+    tbf_burst_bytes,
+    vmm_memory_limit_bytes,
+)
+from stoker.domain.vm import VM
+from stoker.drivers.base import VMM, DriverError, IOLimits, NotSupported
+from stoker.host import netlimits
+from stoker.host.cgroups import CgroupBackend, CgroupError
+from stoker.services.quotas.errors import QuotaApplyError
+from stoker.services.quotas.placement import VMCgroups
+
+log = logging.getLogger("stoker.quotas")
+
+
+@dataclass
+class Applied:
+    """What the last application to a running VM did, per quota field."""
+
+    at: datetime
+    enforced: dict[str, str] = field(default_factory=dict)  # field -> what now binds
+    failed: dict[str, str] = field(default_factory=dict)  # field -> why not
+    cgroup: str | None = None
+
+
+def to_io_limits(quota: Quota, spec: VMSpec) -> IOLimits:
+    """The limits the VMM enforces itself. Network figures only for Firecracker: QEMU's
+    TAP traffic is shaped with tc by this service, and user-mode traffic cannot be."""
+    firecracker = spec.hypervisor == Hypervisor.FIRECRACKER
+    return IOLimits(
+        disk_iops=quota.disk_iops,
+        disk_bytes_per_s=quota.disk_bytes_per_s,
+        net_mbps=quota.network_mbps if firecracker else None,
+        net_pps=quota.network_pps if firecracker else None,
+    )
+
+
+def _is_tap(spec: VMSpec, hypervisor: Hypervisor) -> bool:
+    return spec.hypervisor == hypervisor and spec.network.mode == NetworkMode.TAP
+
+
+class Enforcer:
+    """Applies quotas to running VMMs and remembers, per VM, what the last application did."""
+
+    def __init__(self, cgroups: VMCgroups, overhead_bytes: int) -> None:
+        self.cgroups = cgroups
+        self.overhead_bytes = overhead_bytes
+        #: vm_id -> the last application (kept when it failed: the view shows why)
+        self.last: dict[str, Applied] = {}
+
+    def forget(self, vm_id: str) -> None:
+        self.last.pop(vm_id, None)
+
+    def placed_cgroups(self, vm_id: str) -> CgroupBackend | None:
+        """The cgroup backend, if this VM's VMM was put in its cgroup."""
+        applied = self.last.get(vm_id)
+        return self.cgroups.backend if applied is not None and applied.cgroup else None
+
+    async def place_early(self, vm: VM, spec: VMSpec, quota: Quota, pid: int) -> None:
+        """Move a just-spawned VMM into its cgroup with the CPU and memory limits set.
+
+        Failures are only logged: ``apply`` runs again once the VMM is up and reports them.
+        """
+        quota = enforceable_part(quota, plan(quota, spec))
+        probe = Applied(at=datetime.now(UTC))
+        try:
+            await asyncio.to_thread(self.cgroups.place, vm.id, pid)
+            await asyncio.to_thread(self._apply_cgroup, vm, quota, probe)
+        except (CgroupError, ValueError) as exc:
+            log.warning("could not place VMM %s in its cgroup at spawn: %s", pid, exc)
+
+    async def apply(self, vm: VM, vmm: VMM, quota: Quota, place: bool = False) -> Applied:
+        """Make every enforceable limit of ``quota`` bind on the running VM, then read it back.
+
+        Fields the VM setup cannot enforce are skipped here (explicit requests for them are
+        refused earlier). Raises QuotaApplyError naming each limit that did not take effect.
+        """
+        spec = vm.spec
+        enforcement = plan(quota, spec)
+        quota = enforceable_part(quota, enforcement)
+        applied = Applied(at=datetime.now(UTC))
+        self.last[vm.id] = applied
+        if place:
+            try:
+                applied.cgroup = await asyncio.to_thread(self.cgroups.place, vm.id, vmm.record.pid)
+            except (CgroupError, ValueError) as exc:
+                reason = f"cannot put the VMM (pid {vmm.record.pid}) in its cgroup: {exc}"
+                for name in CGROUP_FIELDS:
+                    if getattr(quota, name) is not None:
+                        applied.failed[name] = reason
+        else:
+            applied.cgroup = self.cgroups.path(vm.id)
+        if applied.cgroup is not None:
+            await asyncio.to_thread(self._apply_cgroup, vm, quota, applied)
+        await _apply_vmm_limits(vm, vmm, quota, enforcement, applied)
+        if _is_tap(spec, Hypervisor.QEMU):
+            await asyncio.to_thread(_shape_tap, vm, quota, applied)
+        if quota.disk_gib is not None:
+            applied.enforced["disk_gib"] = enforcement.enforced["disk_gib"]
+        if applied.failed:
+            raise QuotaApplyError(applied.failed)
+        return applied
+
+    def _apply_cgroup(self, vm: VM, quota: Quota, applied: Applied) -> None:
+        cg = self.cgroups.open()
+        try:
+            cg.set_cpu_percent(vm.id, quota.cpu_percent)
+            if quota.cpu_percent is not None:
+                applied.enforced["cpu_percent"] = (
+                    f"{cg.mode} cgroup CPU cap {quota.cpu_percent}% of one core"
+                )
+        except (CgroupError, ValueError) as exc:
+            _fail_or_log(applied, "cpu_percent", quota.cpu_percent, exc)
+        limit = (
+            vmm_memory_limit_bytes(vm.spec.memory_mib, self.overhead_bytes)
+            if quota.memory_mib is not None
+            else None
+        )
+        try:
+            cg.set_memory(vm.id, max_bytes=limit, high_bytes=None)
+            if limit is not None:
+                applied.enforced["memory_mib"] = (
+                    f"{cg.mode} cgroup memory limit {limit // MiB} MiB "
+                    f"(guest {vm.spec.memory_mib} MiB + VMM overhead {self.overhead_bytes // MiB})"
+                )
+        except (CgroupError, ValueError) as exc:
+            _fail_or_log(applied, "memory_mib", limit, exc)
+
+
+async def _apply_vmm_limits(
+    vm: VM, vmm: VMM, quota: Quota, enforcement: Enforcement, applied: Applied
+) -> None:
+    """Disk rates (and Firecracker's network rates) are enforced by the VMM itself."""
+    spec = vm.spec
+    fields = [
+        *(DISK_RATE_FIELDS if spec.drives else ()),
+        *(NETWORK_FIELDS if _is_tap(spec, Hypervisor.FIRECRACKER) else ()),
+    ]
+    if not fields:
+        return
+    wanted = [name for name in fields if getattr(quota, name) is not None]
+    try:
+        await vmm.apply_io_limits(to_io_limits(quota, spec))
+        if spec.hypervisor == Hypervisor.QEMU and spec.drives:
+            await _verify_qemu_throttle(vmm, quota)
+    except (DriverError, NotSupported) as exc:
+        for name in wanted:
+            applied.failed[name] = str(exc)
+        return
+    for name in wanted:
+        applied.enforced[name] = f"{enforcement.enforced[name]}: {getattr(quota, name)}"
+
+
+async def _verify_qemu_throttle(vmm: VMM, quota: Quota) -> None:
+    """Read the limits back from QEMU: the originals trusted a command that had failed."""
+    execute = getattr(vmm, "execute", None)
+    if execute is None:
+        return
+    want = {"iops": quota.disk_iops or 0, "bps": quota.disk_bytes_per_s or 0}
+    for entry in await execute("query-block"):
+        inserted = entry.get("inserted") or {}
+        got = {k: inserted.get(k, 0) for k in want}
+        if got != want:
+            raise DriverError(
+                f"QEMU reports {got} on drive {entry.get('qdev') or entry.get('device')} "
+                f"after setting {want}"
+            )
+
+
+def _shape_tap(vm: VM, quota: Quota, applied: Applied) -> None:
+    """tc tbf on a QEMU TAP in both directions, checked against what the kernel shows."""
+    tap = vm.spec.network.tap
+    assert tap is not None
+    try:
+        if quota.network_mbps is None:
+            netlimits.clear_limits(tap)
+            return
+        rate = mbps_to_bytes_per_s(quota.network_mbps)
+        burst = tbf_burst_bytes(rate)
+        shaped = netlimits.shape_tap(tap, rate, rate, burst)
+        seen = netlimits.read_qdisc(tap)
+    except (netlimits.NetLimitError, ValueError, OSError) as exc:
+        if quota.network_mbps is not None:
+            applied.failed["network_mbps"] = str(exc)
+        return
+    if not (shaped.guest_rx and shaped.guest_tx):
+        applied.failed["network_mbps"] = f"TAP {tap} only partly shaped: {shaped.note}"
+    elif seen.get("rate") != rate or seen.get("ifb", {}).get("rate") != rate:
+        applied.failed["network_mbps"] = f"the kernel shows {seen} on {tap}, not {rate} B/s"
+    else:
+        applied.enforced["network_mbps"] = (
+            f"tc tbf {rate} B/s (burst {burst} B) on {tap} and its ifb, both directions"
+        )
+
+
+def _fail_or_log(applied: Applied, name: str, value: Any, exc: Exception) -> None:
+    """A limit that was asked for and failed is an error; failing to clear one is a warning."""
+    if value is not None:
+        applied.failed[name] = str(exc)
+    else:
+        log.warning("could not clear %s: %s", name, exc)

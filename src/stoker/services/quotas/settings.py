@@ -1,0 +1,44 @@
+"""The ``[quotas]`` config section: default limits plus how they are enforced.
+
+Validated at install so that a typo stops the agent with the key to fix, instead of an agent
+that runs without the limits the operator meant to set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ConfigDict, Field
+
+from stoker.config import AgentConfig, section
+from stoker.domain.quota import FIELDS, Quota
+from stoker.domain.units import DEFAULT_QEMU_OVERHEAD_BYTES, MiB
+from stoker.host.cgroups import DEFAULT_ROOT
+
+
+class QuotasConfig(Quota):
+    """Default limits (the :class:`Quota` fields) and the knobs of enforcement and monitoring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cgroup_root: Path = DEFAULT_ROOT
+    cgroup_parent: str = Field(default="stoker", description="parent of the per-VM cgroups")
+    memory_overhead_mib: int = Field(
+        default=DEFAULT_QEMU_OVERHEAD_BYTES // MiB,
+        ge=16,
+        description="VMM memory above guest RAM allowed by the cgroup limit",
+    )
+    monitor_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    disk_at_limit_ratio: float = Field(default=0.9, gt=0, le=1)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.memory_overhead_mib * MiB
+
+    def defaults(self) -> Quota:
+        return Quota(**{name: getattr(self, name) for name in FIELDS})
+
+
+def load_settings(config: AgentConfig) -> QuotasConfig:
+    """The validated ``[quotas]`` section (a bad key stops the agent, naming it)."""
+    return section(config, "quotas", QuotasConfig)
