@@ -101,13 +101,7 @@ class SnapshotOut(BaseModel):
             with_memory=s.with_memory,
             size_bytes=s.size_bytes,
             pause_s=s.pause_s,
-            last_verification=(
-                VerificationOut(
-                    at=v.at, ok=v.ok, deep=v.deep, detail=v.detail, duration_s=v.duration_s
-                )
-                if v
-                else None
-            ),
+            last_verification=VerificationOut(**vars(v)) if v else None,
             files=files,
         )
 
@@ -147,7 +141,7 @@ class PolicyOut(BaseModel):
 
     @classmethod
     def of(cls, p: Policy) -> PolicyOut:
-        return cls(**p.__dict__)
+        return cls(**vars(p))
 
 
 class PruneItemOut(BaseModel):
@@ -178,16 +172,9 @@ class PruneOut(BaseModel):
 
     @classmethod
     def of(cls, r: PruneResult) -> PruneOut:
-        return cls(
-            vm_id=r.vm_id,
-            vm_name=r.vm_name,
-            policy=r.policy,
-            timezone=r.timezone,
-            dry_run=r.dry_run,
-            keep=[PruneItemOut.of(i) for i in r.keep],
-            remove=[PruneItemOut.of(i) for i in r.remove],
-            freed_bytes=r.freed_bytes,
-        )
+        keep = [PruneItemOut.of(i) for i in r.keep]
+        remove = [PruneItemOut.of(i) for i in r.remove]
+        return cls(**{**vars(r), "keep": keep, "remove": remove})
 
 
 class AutoSnapshotOut(BaseModel):

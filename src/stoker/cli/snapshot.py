@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
@@ -25,12 +24,11 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="snapshot")
 
 
-@contextmanager
-def _working(what: str, quiet: bool) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr (stdout stays clean for --json)."""
+def _run(what: str, quiet: bool, call: Callable[[], T]) -> T:
+    """``call()`` under a spinner with the elapsed time on stderr (stdout stays clean for
+    --json): snapshot calls answer only when the work is done, which can take a while."""
     if quiet:
-        yield
-        return
+        return call()
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -39,12 +37,15 @@ def _working(what: str, quiet: bool) -> Iterator[None]:
         transient=True,
     ) as progress:
         progress.add_task(what, total=None)
-        yield
-
-
-def _run(what: str, quiet: bool, call: Callable[[], T]) -> T:
-    with _working(what, quiet):
         return call()
+
+
+def _show(value: T, as_json: bool, render: Callable[[T], None]) -> None:
+    """Every command's answer: the API's JSON as is with --json, else ``render`` for people."""
+    if as_json:
+        print_json(value)
+    else:
+        render(value)
 
 
 def _size(n: int | None) -> str:
@@ -58,12 +59,15 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _verdict(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[red]FAILED[/]"
+
+
 def _verified(s: dict[str, Any]) -> str:
     v = s.get("last_verification")
     if not v:
         return "[dim]never[/]"
-    word = "[green]ok[/]" if v["ok"] else "[red]FAILED[/]"
-    return f"{word}{' deep' if v['deep'] else ''} {ago(v['at'])}"
+    return f"{_verdict(v['ok'])}{' deep' if v['deep'] else ''} {ago(v['at'])}"
 
 
 def _table(snaps: list[dict[str, Any]], with_vm: bool) -> Table:
@@ -84,6 +88,21 @@ def _table(snaps: list[dict[str, Any]], with_vm: bool) -> Table:
         ]
         table.add_row(*row)
     return table
+
+
+def _print_list(snaps: list[dict[str, Any]], with_vm: bool) -> None:
+    out.print(_table(snaps, with_vm) if snaps else "no snapshots")
+
+
+def _print_created(snap: dict[str, Any], show_pause: bool = True) -> None:
+    pause = ""
+    if show_pause and snap.get("pause_s"):
+        pause = f", guest paused {snap['pause_s'] * 1000:.0f} ms"
+    out.print(
+        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
+        f"({_size(snap['size_bytes'])}{pause})",
+        highlight=False,
+    )
 
 
 def _print_snapshot(s: dict[str, Any]) -> None:
@@ -117,28 +136,44 @@ def _print_prune(r: dict[str, Any]) -> None:
     table = Table(box=None, pad_edge=False)
     for col in ("ACTION", "ID", "CREATED", "SIZE", "WHY"):
         table.add_column(col)
-    for item in r["keep"]:
-        table.add_row(
-            "[green]keep[/]",
-            item["id"],
-            item["created_at"][:19],
-            _size(item["size_bytes"]),
-            ", ".join(item["reasons"]),
-        )
-    for item in r["remove"]:
-        table.add_row(
-            f"[red]{'remove' if r['dry_run'] else 'removed'}[/]",
-            item["id"],
-            item["created_at"][:19],
-            _size(item["size_bytes"]),
-            ", ".join(item["reasons"]),
-        )
+    removed = f"[red]{'remove' if r['dry_run'] else 'removed'}[/]"
+    for action, items in (("[green]keep[/]", r["keep"]), (removed, r["remove"])):
+        for item in items:
+            table.add_row(
+                action,
+                item["id"],
+                item["created_at"][:19],
+                _size(item["size_bytes"]),
+                ", ".join(item["reasons"]),
+            )
     out.print(table)
     out.print(
         f"{len(r['keep'])} kept, {len(r['remove'])} {verb}, "
         f"{_size(r['freed_bytes'])} {'would be ' if r['dry_run'] else ''}freed",
         highlight=False,
     )
+
+
+def _print_restored(vm: dict[str, Any], snapshot_id: str) -> None:
+    out.print(
+        f"{vm['name']} restored from {snapshot_id}: {vm['state']} ({vm['state_reason']})",
+        highlight=False,
+    )
+
+
+def _print_policy(p: dict[str, Any]) -> None:
+    out.print(
+        f"{p['vm_name']}: retention {p['retention'] or 'none'} (periods in {p['timezone']}), "
+        f"automatic snapshots {('every ' + p['interval']) if p['interval'] else 'off'}"
+        + (f", next {p['next_auto_at']}" if p.get("next_auto_at") else ""),
+        highlight=False,
+    )
+
+
+def _print_auto(result: dict[str, Any]) -> None:
+    _print_created(result["snapshot"], show_pause=False)
+    if result.get("prune"):
+        _print_prune(result["prune"])
 
 
 @app.command("create")
@@ -164,15 +199,7 @@ def create(
             as_json,
             lambda: api.create_snapshot(vm, kind=kind, tags=tag, protected=protect or None),
         )
-    if as_json:
-        print_json(snap)
-        return
-    pause = f", guest paused {snap['pause_s'] * 1000:.0f} ms" if snap.get("pause_s") else ""
-    out.print(
-        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
-        f"({_size(snap['size_bytes'])}{pause})",
-        highlight=False,
-    )
+    _show(snap, as_json, _print_created)
 
 
 @app.command("list")
@@ -188,13 +215,7 @@ def list_(
     """
     with client(ctx) as api:
         snaps = api.list_snapshots(vm)
-    if as_json:
-        print_json(snaps)
-        return
-    if not snaps:
-        out.print("no snapshots")
-        return
-    out.print(_table(snaps, with_vm=vm is None))
+    _show(snaps, as_json, lambda found: _print_list(found, with_vm=vm is None))
 
 
 @app.command("show")
@@ -210,10 +231,7 @@ def show(
     """
     with client(ctx) as api:
         snap = api.get_snapshot(snapshot_id)
-    if as_json:
-        print_json(snap)
-        return
-    _print_snapshot(snap)
+    _show(snap, as_json, _print_snapshot)
 
 
 @app.command("restore")
@@ -239,14 +257,7 @@ def restore(
             as_json,
             lambda: api.restore_snapshot(snapshot_id),
         )
-    if as_json:
-        print_json(result)
-        return
-    vm = result["vm"]
-    out.print(
-        f"{vm['name']} restored from {snapshot_id}: {vm['state']} ({vm['state_reason']})",
-        highlight=False,
-    )
+    _show(result, as_json, lambda r: _print_restored(r["vm"], snapshot_id))
 
 
 @app.command("verify")
@@ -273,8 +284,7 @@ def verify(
     if as_json:
         print_json(snap)
     else:
-        word = "[green]ok[/]" if v["ok"] else "[red]FAILED[/]"
-        out.print(f"{snapshot_id}: {word} in {v['duration_s']:.2f} s: {v['detail']}")
+        out.print(f"{snapshot_id}: {_verdict(v['ok'])} in {v['duration_s']:.2f} s: {v['detail']}")
     if not v["ok"]:
         raise typer.Exit(1)
 
@@ -309,10 +319,7 @@ def prune(
     """
     with client(ctx) as api:
         result = _run(f"pruning {vm}", as_json, lambda: api.prune_snapshots(vm, dry_run=dry_run))
-    if as_json:
-        print_json(result)
-        return
-    _print_prune(result)
+    _show(result, as_json, _print_prune)
 
 
 @app.command("protect")
@@ -364,10 +371,7 @@ def set_policy(
     """
     with client(ctx) as api:
         policy = api.set_snapshot_policy(vm, retention or None, every)
-    if as_json:
-        print_json(policy)
-        return
-    _print_policy(policy)
+    _show(policy, as_json, _print_policy)
 
 
 @app.command("policy")
@@ -383,19 +387,7 @@ def policy(
     """
     with client(ctx) as api:
         result = api.get_snapshot_policy(vm)
-    if as_json:
-        print_json(result)
-        return
-    _print_policy(result)
-
-
-def _print_policy(p: dict[str, Any]) -> None:
-    out.print(
-        f"{p['vm_name']}: retention {p['retention'] or 'none'} (periods in {p['timezone']}), "
-        f"automatic snapshots {('every ' + p['interval']) if p['interval'] else 'off'}"
-        + (f", next {p['next_auto_at']}" if p.get("next_auto_at") else ""),
-        highlight=False,
-    )
+    _show(result, as_json, _print_policy)
 
 
 @app.command("auto-snapshot")
@@ -411,14 +403,4 @@ def auto_snapshot(
     """
     with client(ctx) as api:
         result = _run(f"auto-snapshot of {vm}", as_json, lambda: api.auto_snapshot(vm))
-    if as_json:
-        print_json(result)
-        return
-    snap = result["snapshot"]
-    out.print(
-        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
-        f"({_size(snap['size_bytes'])})",
-        highlight=False,
-    )
-    if result.get("prune"):
-        _print_prune(result["prune"])
+    _show(result, as_json, _print_auto)

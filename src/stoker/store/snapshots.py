@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -90,27 +91,31 @@ class SnapshotStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    def _write(self, sql: str, params: Sequence[Any]) -> None:
+        """One statement in its own write transaction."""
+        with self.db.write() as conn:
+            conn.execute(sql, params)
+
     # ------------------------------------------------------------------------- snapshots
 
     def insert(self, s: SnapshotRecord) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "INSERT INTO snapshots (id, vm_id, vm_name, created_at, kind, tags, protected,"
-                " with_memory, size_bytes, path, pause_s) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    s.id,
-                    s.vm_id,
-                    s.vm_name,
-                    _db.to_iso(s.created),
-                    s.kind,
-                    _db.dumps(list(s.tags)),
-                    int(s.protected),
-                    int(s.with_memory),
-                    s.size_bytes,
-                    s.path,
-                    s.pause_s,
-                ),
-            )
+        self._write(
+            "INSERT INTO snapshots (id, vm_id, vm_name, created_at, kind, tags, protected,"
+            " with_memory, size_bytes, path, pause_s) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                s.id,
+                s.vm_id,
+                s.vm_name,
+                _db.to_iso(s.created),
+                s.kind,
+                _db.dumps(list(s.tags)),
+                int(s.protected),
+                int(s.with_memory),
+                s.size_bytes,
+                s.path,
+                s.pause_s,
+            ),
+        )
 
     def get(self, snapshot_id: str) -> SnapshotRecord | None:
         row = self.db.query_one("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
@@ -127,22 +132,19 @@ class SnapshotStore:
         return [_snapshot(r) for r in rows]
 
     def set_protected(self, snapshot_id: str, protected: bool) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "UPDATE snapshots SET protected = ? WHERE id = ?", (int(protected), snapshot_id)
-            )
+        self._write(
+            "UPDATE snapshots SET protected = ? WHERE id = ?", (int(protected), snapshot_id)
+        )
 
     def set_verified(self, snapshot_id: str, v: VerifyRecord) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "UPDATE snapshots SET verified_at = ?, verify_ok = ?, verify_deep = ?,"
-                " verify_detail = ?, verify_duration_s = ? WHERE id = ?",
-                (_db.to_iso(v.at), int(v.ok), int(v.deep), v.detail, v.duration_s, snapshot_id),
-            )
+        self._write(
+            "UPDATE snapshots SET verified_at = ?, verify_ok = ?, verify_deep = ?,"
+            " verify_detail = ?, verify_duration_s = ? WHERE id = ?",
+            (_db.to_iso(v.at), int(v.ok), int(v.deep), v.detail, v.duration_s, snapshot_id),
+        )
 
     def delete(self, snapshot_id: str) -> None:
-        with self.db.write() as conn:
-            conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+        self._write("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
     # -------------------------------------------------------------------------- policies
 
@@ -156,25 +158,22 @@ class SnapshotStore:
     def put_policy(
         self, vm_id: str, retention: str | None, interval_s: int | None, at: datetime
     ) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "INSERT INTO snapshot_policies (vm_id, retention, interval_s, updated_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT(vm_id) DO UPDATE SET"
-                " retention = excluded.retention, interval_s = excluded.interval_s,"
-                " updated_at = excluded.updated_at",
-                (vm_id, retention, interval_s, _db.to_iso(at)),
-            )
+        self._write(
+            "INSERT INTO snapshot_policies (vm_id, retention, interval_s, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT(vm_id) DO UPDATE SET"
+            " retention = excluded.retention, interval_s = excluded.interval_s,"
+            " updated_at = excluded.updated_at",
+            (vm_id, retention, interval_s, _db.to_iso(at)),
+        )
 
     def set_last_auto(self, vm_id: str, at: datetime) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "UPDATE snapshot_policies SET last_auto_at = ? WHERE vm_id = ?",
-                (_db.to_iso(at), vm_id),
-            )
+        self._write(
+            "UPDATE snapshot_policies SET last_auto_at = ? WHERE vm_id = ?",
+            (_db.to_iso(at), vm_id),
+        )
 
     def delete_policy(self, vm_id: str) -> None:
-        with self.db.write() as conn:
-            conn.execute("DELETE FROM snapshot_policies WHERE vm_id = ?", (vm_id,))
+        self._write("DELETE FROM snapshot_policies WHERE vm_id = ?", (vm_id,))
 
 
 def _snapshot(row: sqlite3.Row) -> SnapshotRecord:

@@ -1,0 +1,44 @@
+"""What every snapshot operation shares: collaborators, the clock and zone, per-VM locks.
+
+The operations (create, restore, verify, prune, ...) live in their own modules as functions
+of this context, so each can be read alone while all of them serialise on the same lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+
+from stoker.services.errors import NotFound
+from stoker.services.events import EventBus
+from stoker.services.lifecycle import Lifecycle
+from stoker.services.snapshots.settings import SnapshotSettings
+from stoker.store.snapshots import SnapshotRecord, SnapshotStore
+
+
+@dataclass
+class SnapshotContext:
+    lifecycle: Lifecycle
+    store: SnapshotStore
+    settings: SnapshotSettings
+    clock: Callable[[], datetime]
+    tz: tzinfo
+    #: VMs whose snapshot was interrupted by an agent crash: resume them when re-adopted
+    interrupted: set[str] = field(default_factory=set)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    @property
+    def events(self) -> EventBus:
+        return self.lifecycle.events
+
+    def vm_lock(self, vm_id: str) -> asyncio.Lock:
+        """Serialises snapshot work on one VM (create, restore, delete, prune, verify)."""
+        return self.locks.setdefault(vm_id, asyncio.Lock())
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        snap = self.store.get(snapshot_id)
+        if snap is None:
+            raise NotFound(f"no snapshot with id {snapshot_id!r} (see `stoker snapshot list`)")
+        return snap

@@ -1,0 +1,114 @@
+"""``SnapshotService``: the one object the API, the scheduler and the agent talk to.
+
+It only holds the shared context and hands each call to the module that does that job, so
+callers see one stable interface while the work stays in small modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from stoker.domain.vm import VM
+from stoker.drivers.base import VMM
+from stoker.services.lifecycle import Lifecycle
+from stoker.services.snapshots import automation, cleanup, layout, policy
+from stoker.services.snapshots.automation import AutoResult
+from stoker.services.snapshots.context import SnapshotContext
+from stoker.services.snapshots.create import Kind, create_snapshot
+from stoker.services.snapshots.delete import delete_snapshot
+from stoker.services.snapshots.policy import Policy
+from stoker.services.snapshots.protection import set_protected
+from stoker.services.snapshots.prune import PruneResult, prune_snapshots
+from stoker.services.snapshots.restore import restore_snapshot
+from stoker.services.snapshots.settings import SnapshotSettings
+from stoker.services.snapshots.verify import verify_snapshot
+from stoker.store.events import Event
+from stoker.store.snapshots import SnapshotRecord, SnapshotStore
+
+
+class SnapshotService:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        store: SnapshotStore,
+        settings: SnapshotSettings,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.ctx = SnapshotContext(
+            lifecycle=lifecycle,
+            store=store,
+            settings=settings,
+            clock=clock or (lambda: datetime.now(UTC)),
+            tz=settings.zone(),
+        )
+        self.lifecycle = lifecycle
+        self.store = store
+        self.settings = settings
+        #: VMs whose snapshot was interrupted by an agent crash: resume them when re-adopted
+        self.interrupted = self.ctx.interrupted
+
+    # ---------------------------------------------------------------------------- queries
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        return self.ctx.get(snapshot_id)
+
+    def list(self, vm_ref: str | None = None) -> list[SnapshotRecord]:
+        if vm_ref is None:
+            return self.store.list()
+        return self.store.list(self.lifecycle.get(vm_ref, 0).id)
+
+    def manifest(self, snap: SnapshotRecord) -> dict[str, Any]:
+        return layout.read_manifest(snap)
+
+    # ------------------------------------------------------------------------ operations
+
+    async def create(
+        self,
+        vm_ref: str,
+        kind: Kind = "manual",
+        tags: tuple[str, ...] = (),
+        protected: bool | None = None,
+    ) -> SnapshotRecord:
+        return await create_snapshot(self.ctx, vm_ref, kind, tags, protected)
+
+    async def restore(self, snapshot_id: str) -> tuple[SnapshotRecord, VM]:
+        return await restore_snapshot(self.ctx, snapshot_id)
+
+    async def delete(self, snapshot_id: str, force: bool = False) -> int:
+        return await delete_snapshot(self.ctx, snapshot_id, force)
+
+    def set_protected(self, snapshot_id: str, protected: bool) -> SnapshotRecord:
+        return set_protected(self.ctx, snapshot_id, protected)
+
+    async def verify(self, snapshot_id: str, deep: bool = False) -> SnapshotRecord:
+        return await verify_snapshot(self.ctx, snapshot_id, deep)
+
+    # ------------------------------------------------------------------- policy and prune
+
+    def get_policy(self, vm_ref: str) -> Policy:
+        return policy.get_policy(self.ctx, vm_ref)
+
+    def set_policy(self, vm_ref: str, retention_text: str | None, interval: str | None) -> Policy:
+        return policy.set_policy(self.ctx, vm_ref, retention_text, interval)
+
+    async def prune(self, vm_ref: str, dry_run: bool = False) -> PruneResult:
+        return await prune_snapshots(self.ctx, vm_ref, dry_run)
+
+    async def auto_snapshot(self, vm_ref: str) -> AutoResult:
+        return await automation.auto_snapshot(self.ctx, vm_ref)
+
+    async def run_due(self) -> None:
+        await automation.run_due(self.ctx)
+
+    # ------------------------------------------------------------------ start-up hygiene
+
+    def cleanup_leftovers(self) -> None:
+        cleanup.cleanup_leftovers(self.ctx)
+
+    async def resume_interrupted(self, vm: VM, vmm: VMM) -> None:
+        await cleanup.resume_interrupted(self.ctx, vm, vmm)
+
+    async def on_event(self, event: Event) -> None:
+        cleanup.forget_vm(self.ctx, event)
