@@ -493,6 +493,11 @@ async def test_update_and_names(tmp_path):
     assert env.scheduler.next_fire(row) == datetime(2026, 3, 6, 9, tzinfo=UTC)
     with pytest.raises(InvalidSpec, match="cron"):
         env.scheduler.update("morning", ScheduleUpdate(cron="bad"))
+    row = env.scheduler.update("morning", ScheduleUpdate(grace_s=30))
+    assert row.grace_s == 30
+    # clearing the grace window means the agent's default again, not an error
+    row = env.scheduler.update("morning", ScheduleUpdate(grace_s=None))
+    assert row.grace_s == env.scheduler.config.grace_s
     env.scheduler.delete("morning")
     with pytest.raises(NotFound):
         env.scheduler.get(row.id)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from pydantic import BaseModel
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
@@ -35,37 +36,16 @@ def _reports(svc: Services) -> ReportGenerator:
     return reports  # type: ignore[no-any-return]
 
 
-class RunOut(BaseModel):
-    id: int
-    schedule_id: str
-    trigger: str
-    fire_at: datetime | None
-    started_at: datetime
-    finished_at: datetime | None
-    status: str
-    message: str
-    results: list[dict[str, Any]]
-
+# The stored rows as the API shows them: the columns are declared once, in the store.
+@pydantic_dataclass(frozen=True)
+class RunOut(RunRow):
     @classmethod
     def of(cls, run: RunRow) -> RunOut:
         return cls(**run.__dict__)
 
 
-class ScheduleOut(BaseModel):
-    id: str
-    name: str | None
-    action: str
-    vm: str | None
-    selector: dict[str, str] | None
-    cron: str
-    tz: str
-    spread_s: float
-    grace_s: float
-    options: dict[str, Any]
-    enabled: bool
-    created_at: datetime
-    updated_at: datetime
-    last_fire_at: datetime
+@pydantic_dataclass(frozen=True)
+class ScheduleOut(ScheduleRow):
     next_fire_at: datetime | None
     next_fire_local: str | None
     running_run_id: int | None
@@ -108,7 +88,6 @@ class ReportOut(BaseModel):
 @router.post(
     "/api/v1/schedules",
     status_code=status.HTTP_201_CREATED,
-    response_model=ScheduleOut,
     tags=["schedules"],
 )
 async def create_schedule(spec: ScheduleSpec, svc: Svc) -> ScheduleOut:
@@ -118,19 +97,19 @@ async def create_schedule(spec: ScheduleSpec, svc: Svc) -> ScheduleOut:
     return ScheduleOut.of(scheduler.create(spec), scheduler)
 
 
-@router.get("/api/v1/schedules", response_model=list[ScheduleOut], tags=["schedules"])
+@router.get("/api/v1/schedules", tags=["schedules"])
 async def list_schedules(svc: Svc) -> list[ScheduleOut]:
     scheduler = _scheduler(svc)
     return [ScheduleOut.of(row, scheduler) for row in scheduler.list()]
 
 
-@router.get("/api/v1/schedules/{ref}", response_model=ScheduleOut, tags=["schedules"])
+@router.get("/api/v1/schedules/{ref}", tags=["schedules"])
 async def get_schedule(ref: str, svc: Svc) -> ScheduleOut:
     scheduler = _scheduler(svc)
     return ScheduleOut.of(scheduler.get(ref), scheduler)
 
 
-@router.patch("/api/v1/schedules/{ref}", response_model=ScheduleOut, tags=["schedules"])
+@router.patch("/api/v1/schedules/{ref}", tags=["schedules"])
 async def update_schedule(ref: str, changes: ScheduleUpdate, svc: Svc) -> ScheduleOut:
     """Change some fields; a new cron or zone counts fires from now on."""
     scheduler = _scheduler(svc)
@@ -145,13 +124,13 @@ async def delete_schedule(ref: str, svc: Svc) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/api/v1/schedules/{ref}/enable", response_model=ScheduleOut, tags=["schedules"])
+@router.post("/api/v1/schedules/{ref}/enable", tags=["schedules"])
 async def enable_schedule(ref: str, svc: Svc) -> ScheduleOut:
     scheduler = _scheduler(svc)
     return ScheduleOut.of(scheduler.set_enabled(ref, True), scheduler)
 
 
-@router.post("/api/v1/schedules/{ref}/disable", response_model=ScheduleOut, tags=["schedules"])
+@router.post("/api/v1/schedules/{ref}/disable", tags=["schedules"])
 async def disable_schedule(ref: str, svc: Svc) -> ScheduleOut:
     scheduler = _scheduler(svc)
     return ScheduleOut.of(scheduler.set_enabled(ref, False), scheduler)
@@ -160,7 +139,6 @@ async def disable_schedule(ref: str, svc: Svc) -> ScheduleOut:
 @router.post(
     "/api/v1/schedules/{ref}/run",
     status_code=status.HTTP_202_ACCEPTED,
-    response_model=RunOut,
     tags=["schedules"],
 )
 async def run_schedule(
@@ -177,7 +155,7 @@ async def run_schedule(
     return RunOut.of(run)
 
 
-@router.get("/api/v1/schedules/{ref}/runs", response_model=list[RunOut], tags=["schedules"])
+@router.get("/api/v1/schedules/{ref}/runs", tags=["schedules"])
 async def schedule_runs(
     ref: str, svc: Svc, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> list[RunOut]:
@@ -188,12 +166,12 @@ async def schedule_runs(
 # -------------------------------------------------------------------------------- reports
 
 
-@router.get("/api/v1/reports", response_model=list[ReportSummary], tags=["reports"])
+@router.get("/api/v1/reports", tags=["reports"])
 async def list_reports(svc: Svc) -> list[ReportSummary]:
     return [ReportSummary(**r) for r in _reports(svc).list()]
 
 
-@router.get("/api/v1/reports/{label}", response_model=ReportOut, tags=["reports"])
+@router.get("/api/v1/reports/{label}", tags=["reports"])
 async def get_report(label: str, svc: Svc) -> ReportOut:
     """One report by its file name stem, e.g. ``daily-2026-03-02``, ``weekly-2026-W09``."""
     doc, text = _reports(svc).get(label)
@@ -203,7 +181,6 @@ async def get_report(label: str, svc: Svc) -> ReportOut:
 @router.post(
     "/api/v1/reports/{period}",
     status_code=status.HTTP_201_CREATED,
-    response_model=ReportOut,
     tags=["reports"],
 )
 async def generate_report(

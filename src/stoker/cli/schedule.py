@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +48,32 @@ def _selector(items: list[str]) -> dict[str, str] | None:
             raise fail(f"--selector {item!r}: expected key=value, for example env=dev")
         selector[key] = value
     return selector
+
+
+def _print_rows(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    columns: tuple[str, ...],
+    cells: Callable[[dict[str, Any]], tuple[str, ...]],
+) -> None:
+    """The raw JSON with --json, else a table with one line per row."""
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*cells(row))
+    out.print(table)
+
+
+def _print_report(result: dict[str, Any], as_json: bool) -> None:
+    """The report's JSON with --json, else its text exactly as the file holds it."""
+    if as_json:
+        print_json(result["report"])
+        return
+    sys.stdout.write(result["text"])  # the file as written: no wrapping, no markup
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -135,28 +162,25 @@ def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """
     with client(ctx) as api:
         rows = api.list_schedules()
-    if as_json:
-        print_json(rows)
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("ID", "NAME", "TARGET", "ACTION", "CRON", "TZ", "NEXT RUN", "LAST RUN"):
-        table.add_column(column)
-    for row in rows:
-        last = row.get("last_run")
-        last_text = f"{last['status']} {_local(last['started_at'])}" if last else "-"
-        if row.get("running_run_id"):
-            last_text = f"running (run {row['running_run_id']})"
-        table.add_row(
-            row["id"],
-            row["name"] or "-",
-            _target(row),
-            row["action"],
-            row["cron"],
-            row["tz"],
-            _local(row["next_fire_at"]) if row["enabled"] else "[dim]disabled[/dim]",
-            last_text,
-        )
-    out.print(table)
+    columns = ("ID", "NAME", "TARGET", "ACTION", "CRON", "TZ", "NEXT RUN", "LAST RUN")
+    _print_rows(rows, as_json, columns, _schedule_cells)
+
+
+def _schedule_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    last = row.get("last_run")
+    last_text = f"{last['status']} {_local(last['started_at'])}" if last else "-"
+    if row.get("running_run_id"):
+        last_text = f"running (run {row['running_run_id']})"
+    return (
+        row["id"],
+        row["name"] or "-",
+        _target(row),
+        row["action"],
+        row["cron"],
+        row["tz"],
+        _local(row["next_fire_at"]) if row["enabled"] else "[dim]disabled[/dim]",
+        last_text,
+    )
 
 
 @schedule_app.command("remove")
@@ -243,22 +267,19 @@ def history(
     """
     with client(ctx) as api:
         runs = api.schedule_runs(ref, limit)
-    if as_json:
-        print_json(runs)
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("RUN", "TRIGGER", "FIRE TIME", "STARTED", "STATUS", "MESSAGE"):
-        table.add_column(column)
-    for item in runs:
-        table.add_row(
-            str(item["id"]),
-            item["trigger"],
-            _local(item["fire_at"]),
-            _local(item["started_at"]),
-            item["status"],
-            item["message"],
-        )
-    out.print(table)
+    columns = ("RUN", "TRIGGER", "FIRE TIME", "STARTED", "STATUS", "MESSAGE")
+    _print_rows(runs, as_json, columns, _run_cells)
+
+
+def _run_cells(run: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(run["id"]),
+        run["trigger"],
+        _local(run["fire_at"]),
+        _local(run["started_at"]),
+        run["status"],
+        run["message"],
+    )
 
 
 # -------------------------------------------------------------------------------- report
@@ -267,10 +288,7 @@ def history(
 def _generate(ctx: typer.Context, period: str, day: str | None, as_json: bool) -> None:
     with client(ctx) as api:
         result = api.generate_report(period, day)
-    if as_json:
-        print_json(result["report"])
-        return
-    sys.stdout.write(result["text"])  # the file as written: no wrapping, no markup
+    _print_report(result, as_json)
 
 
 DATE_OPTION = typer.Option(
@@ -319,16 +337,12 @@ def list_reports(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """
     with client(ctx) as api:
         rows = api.list_reports()
-    if as_json:
-        print_json(rows)
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("REPORT", "GENERATED", "FILE"):
-        table.add_column(column)
-    for row in rows:
-        label = row["label"] + (" (partial)" if row["partial"] else "")
-        table.add_row(label, _local(row["generated_at"]), row["text_path"])
-    out.print(table)
+    _print_rows(rows, as_json, ("REPORT", "GENERATED", "FILE"), _report_cells)
+
+
+def _report_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    label = row["label"] + (" (partial)" if row["partial"] else "")
+    return (label, _local(row["generated_at"]), row["text_path"])
 
 
 @report_app.command("show")
@@ -344,7 +358,4 @@ def show(
     """
     with client(ctx) as api:
         result = api.get_report(label)
-    if as_json:
-        print_json(result["report"])
-        return
-    sys.stdout.write(result["text"])  # the file as written: no wrapping, no markup
+    _print_report(result, as_json)

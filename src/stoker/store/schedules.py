@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ FAILED = "failed"
 MISSED = "missed"
 SKIPPED = "skipped"
 FINISHED_STATUSES = (SUCCEEDED, FAILED, MISSED, SKIPPED)
+MISSED_MESSAGE = "the agent was not running at the fire time and the grace window had passed"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,11 @@ class RunRow:
     finished_at: datetime | None
     status: str
     message: str
-    results: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]]
+
+
+#: every column but the identity and the timestamps the store keeps itself
+UPDATABLE_COLUMNS = {f.name for f in fields(ScheduleRow)} - {"id", "created_at", "updated_at"}
 
 
 class AlreadyRunning(Exception):
@@ -148,20 +153,7 @@ class ScheduleStore:
 
     def update(self, schedule_id: str, at: datetime, **changes: Any) -> None:
         """Change the given columns (values in Python form) and ``updated_at``."""
-        columns = {
-            "name",
-            "action",
-            "vm",
-            "selector",
-            "cron",
-            "tz",
-            "spread_s",
-            "grace_s",
-            "options",
-            "enabled",
-            "last_fire_at",
-        }
-        unknown = set(changes) - columns
+        unknown = set(changes) - UPDATABLE_COLUMNS
         if unknown:
             raise ValueError(f"not schedule columns: {sorted(unknown)}")
         values: dict[str, Any] = {}
@@ -201,18 +193,16 @@ class ScheduleStore:
         this schedule is in progress.
         """
         missed = missed or []
-        latest = max([t for t in [fire_at, *missed] if t is not None], default=None)
         try:
             with self.db.write() as conn:
-                self._record_missed(conn, schedule_id, missed, at)
+                _insert_missed(conn, schedule_id, missed, at)
                 cur = conn.execute(
                     "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at, status)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (schedule_id, trigger, _iso(fire_at), _db.to_iso(at), RUNNING),
                 )
                 run_id = int(cur.lastrowid or 0)
-                if latest is not None:
-                    _advance(conn, schedule_id, latest)
+                _advance(conn, schedule_id, [fire_at, *missed])
         except sqlite3.IntegrityError:
             raise AlreadyRunning(schedule_id) from None
         run = self.run(run_id)
@@ -230,48 +220,16 @@ class ScheduleStore:
         trigger: str = "cron",
     ) -> None:
         """A fire that did not run (skipped: a run was in progress), plus missed fires."""
+        missed = missed or []
         with self.db.write() as conn:
-            self._record_missed(conn, schedule_id, missed or [], at)
-            conn.execute(
-                "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at,"
-                " finished_at, status, message) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    schedule_id,
-                    trigger,
-                    _iso(fire_at),
-                    _db.to_iso(at),
-                    _db.to_iso(at),
-                    status,
-                    message,
-                ),
-            )
-            latest = max([t for t in [fire_at, *(missed or [])] if t is not None], default=None)
-            if latest is not None:
-                _advance(conn, schedule_id, latest)
+            _insert_missed(conn, schedule_id, missed, at)
+            _insert_finished(conn, schedule_id, trigger, fire_at, at, status, message)
+            _advance(conn, schedule_id, [fire_at, *missed])
 
     def record_missed(self, schedule_id: str, missed: list[datetime], at: datetime) -> None:
         with self.db.write() as conn:
-            self._record_missed(conn, schedule_id, missed, at)
-            if missed:
-                _advance(conn, schedule_id, max(missed))
-
-    @staticmethod
-    def _record_missed(
-        conn: sqlite3.Connection, schedule_id: str, missed: list[datetime], at: datetime
-    ) -> None:
-        for fire in missed:
-            conn.execute(
-                "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at,"
-                " finished_at, status, message) VALUES (?, 'cron', ?, ?, ?, ?, ?)",
-                (
-                    schedule_id,
-                    _db.to_iso(fire),
-                    _db.to_iso(at),
-                    _db.to_iso(at),
-                    MISSED,
-                    "the agent was not running at the fire time and the grace window had passed",
-                ),
-            )
+            _insert_missed(conn, schedule_id, missed, at)
+            _advance(conn, schedule_id, missed)
 
     def finish(
         self, run_id: int, status: str, at: datetime, message: str, results: list[dict[str, Any]]
@@ -354,8 +312,36 @@ def transitions_before(db: Database, end: datetime) -> dict[str, list[Transition
     return out
 
 
-def _advance(conn: sqlite3.Connection, schedule_id: str, fire: datetime) -> None:
-    """Move last_fire_at forward only: a late writer never re-opens handled fires."""
+def _insert_finished(
+    conn: sqlite3.Connection,
+    schedule_id: str,
+    trigger: str,
+    fire_at: datetime | None,
+    at: datetime,
+    status: str,
+    message: str,
+) -> None:
+    """A run row that ended as it was written (missed or skipped): it never held the lock."""
+    conn.execute(
+        "INSERT INTO schedule_runs (schedule_id, trigger, fire_at, started_at,"
+        " finished_at, status, message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (schedule_id, trigger, _iso(fire_at), _db.to_iso(at), _db.to_iso(at), status, message),
+    )
+
+
+def _insert_missed(
+    conn: sqlite3.Connection, schedule_id: str, missed: list[datetime], at: datetime
+) -> None:
+    for fire in missed:
+        _insert_finished(conn, schedule_id, "cron", fire, at, MISSED, MISSED_MESSAGE)
+
+
+def _advance(conn: sqlite3.Connection, schedule_id: str, fires: list[datetime | None]) -> None:
+    """Move last_fire_at forward to the latest of ``fires``, never back: a late writer
+    never re-opens handled fires."""
+    fire = max([t for t in fires if t is not None], default=None)
+    if fire is None:
+        return
     conn.execute(
         "UPDATE schedules SET last_fire_at = ? WHERE id = ? AND last_fire_at < ?",
         (_db.to_iso(fire), schedule_id, _db.to_iso(fire)),
