@@ -22,6 +22,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,24 +164,68 @@ async def vmms() -> AsyncIterator[list[FirecrackerVMM]]:
         await vmm.close()
 
 
-def requests_of(paths: VMPaths, pid: int | None = None) -> list[dict[str, Any]]:
-    """What the double recorded, optionally for one process only."""
-    log = Path(str(paths.control_socket) + ".requests.jsonl")
+def requests_at(socket: Path, pid: int | None = None) -> list[dict[str, Any]]:
+    """What the double serving ``socket`` recorded, optionally for one process only."""
+    log = Path(str(socket) + ".requests.jsonl")
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return [r for r in rows if pid is None or r["pid"] == pid]
+
+
+def requests_of(paths: VMPaths, pid: int | None = None) -> list[dict[str, Any]]:
+    return requests_at(paths.control_socket, pid)
 
 
 def calls(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{r['method']} {r['path']}" for r in rows if r["method"] != "GET"]
 
 
-async def boot(
-    driver: FirecrackerDriver, spec: VMSpec, paths: VMPaths, vmms: list[FirecrackerVMM]
-) -> FirecrackerVMM:
-    vmm = await driver.spawn("web-1", spec, paths)
-    vmms.append(vmm)
-    await vmm.wait_ready(20)
-    return vmm
+def put_bodies(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {r["path"]: r["body"] for r in rows if r["method"] == "PUT"}
+
+
+async def ended(vmm: FirecrackerVMM) -> Any:
+    """Kill the VMM and wait for its exit status."""
+    await vmm.kill()
+    return await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
+
+
+@dataclass
+class Harness:
+    """One test's driver factory, images, VM directory and started VMMs."""
+
+    make_driver: Callable[..., FirecrackerDriver]
+    images: dict[str, Path]
+    tmp_path: Path
+    vmms: list[FirecrackerVMM]
+
+    @property
+    def paths(self) -> VMPaths:
+        return VMPaths(self.tmp_path / "vm")
+
+    def spec(self, **overrides: Any) -> VMSpec:
+        return make_spec(self.images, **overrides)
+
+    async def boot(
+        self, driver: FirecrackerDriver | None = None, spec: VMSpec | None = None
+    ) -> FirecrackerVMM:
+        """Spawn web-1 in ``paths`` and wait until it is ready (killed after the test)."""
+        vmm = await (driver or self.make_driver()).spawn("web-1", spec or self.spec(), self.paths)
+        self.vmms.append(vmm)
+        await vmm.wait_ready(20)
+        return vmm
+
+    def requests(self, pid: int | None = None) -> list[dict[str, Any]]:
+        return requests_of(self.paths, pid)
+
+
+@pytest.fixture
+def fc(
+    make_driver: Callable[..., FirecrackerDriver],
+    images: dict[str, Path],
+    tmp_path: Path,
+    vmms: list[FirecrackerVMM],
+) -> Harness:
+    return Harness(make_driver, images, tmp_path, vmms)
 
 
 # ---------------------------------------------------------------------------- spec coverage
@@ -200,16 +245,11 @@ def test_driver_and_handle_satisfy_the_protocols(make_driver: Callable[..., Any]
 
 
 async def test_boot_sequence_order_bodies_and_rate_limiters(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-    index: fc_server.SpecIndex,
+    fc: Harness, index: fc_server.SpecIndex
 ) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(), make_spec(images), paths, vmms)
+    vmm = await fc.boot()
     assert isinstance(vmm, VMM)
-    rows = requests_of(paths, vmm.record.pid)
+    rows = fc.requests(vmm.record.pid)
     assert calls(rows) == [
         "PUT /machine-config",
         "PUT /boot-source",
@@ -223,7 +263,7 @@ async def test_boot_sequence_order_bodies_and_rate_limiters(
     # every request was valid against the spec and accepted
     assert [r for r in rows if r["status"] >= 400] == []
     assert all(index.has(r["method"], r["template"]) for r in rows)
-    bodies = {r["path"]: r["body"] for r in rows if r["method"] == "PUT"}
+    bodies = put_bodies(rows)
     assert bodies["/machine-config"]["vcpu_count"] == 2
     assert bodies["/machine-config"]["mem_size_mib"] == 256
     assert bodies["/actions"] == {"action_type": "InstanceStart"}
@@ -251,19 +291,13 @@ async def test_boot_sequence_order_bodies_and_rate_limiters(
     info = await vmm.api.describe_instance()
     assert index.definition_errors("InstanceInfo", info) == []
     assert vmm.record.start_time > 0
-    assert paths.pidfile.read_text().strip() == str(vmm.record.pid)
+    assert fc.paths.pidfile.read_text().strip() == str(vmm.record.pid)
 
 
-async def test_ready_without_marker_is_api_state_running(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    spec = make_spec(images, ready_marker=None, network={"mode": "none"}, drives=[])
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(limits_for=None), spec, paths, vmms)
-    rows = requests_of(paths, vmm.record.pid)
+async def test_ready_without_marker_is_api_state_running(fc: Harness) -> None:
+    spec = fc.spec(ready_marker=None, network={"mode": "none"}, drives=[])
+    vmm = await fc.boot(fc.make_driver(limits_for=None), spec)
+    rows = fc.requests(vmm.record.pid)
     assert calls(rows) == [
         "PUT /machine-config",
         "PUT /boot-source",
@@ -274,80 +308,50 @@ async def test_ready_without_marker_is_api_state_running(
     assert any(r["method"] == "GET" and r["path"] == "/" for r in rows)
 
 
-async def test_stale_socket_is_unlinked_before_spawn(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    paths.root.mkdir()
-    paths.control_socket.write_text("left over by a dead VMM")
-    vmm = await boot(make_driver(), make_spec(images), paths, vmms)
+async def test_stale_socket_is_unlinked_before_spawn(fc: Harness) -> None:
+    fc.paths.root.mkdir()
+    fc.paths.control_socket.write_text("left over by a dead VMM")
+    vmm = await fc.boot()
     assert (await vmm.status(5)).running
 
 
-async def test_refused_configuration_is_boot_failed_with_fault_message(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    spec = make_spec(images, kernel=str(tmp_path / "no-such-vmlinux"))
-    paths = VMPaths(tmp_path / "vm")
+async def test_refused_configuration_is_boot_failed_with_fault_message(fc: Harness) -> None:
+    spec = fc.spec(kernel=str(fc.tmp_path / "no-such-vmlinux"))
     with pytest.raises(BootFailed, match="kernel file cannot be opened") as caught:
-        await make_driver().spawn("web-1", spec, paths)
+        await fc.make_driver().spawn("web-1", spec, fc.paths)
     cause = caught.value.__cause__
     assert isinstance(cause, FirecrackerAPIError)
     assert cause.status == 400 and cause.method == "PUT" and cause.path == "/boot-source"
     assert "no-such-vmlinux" in cause.fault_message
-    pid = requests_of(paths)[0]["pid"]
+    pid = fc.requests()[0]["pid"]
     await asyncio.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
-    assert "PUT /actions" not in calls(requests_of(paths))
+    assert "PUT /actions" not in calls(fc.requests())
 
 
 # ---------------------------------------------------------------------------- stop
 
 
-async def test_send_ctrl_alt_del_ends_a_reboot_k_guest(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(), make_spec(images), paths, vmms)
+async def test_send_ctrl_alt_del_ends_a_reboot_k_guest(fc: Harness) -> None:
+    vmm = await fc.boot()
     await vmm.request_shutdown()
     status = await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
     assert status.code == 0
     assert "clean exit" in (vmm.exit_reason() or "")
-    assert calls(requests_of(paths, vmm.record.pid))[-1] == "PUT /actions"
-    assert requests_of(paths, vmm.record.pid)[-1]["body"] == {"action_type": "SendCtrlAltDel"}
+    assert calls(fc.requests(vmm.record.pid))[-1] == "PUT /actions"
+    assert fc.requests(vmm.record.pid)[-1]["body"] == {"action_type": "SendCtrlAltDel"}
 
 
-async def test_graceful_stop_is_not_supported_off_x86(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(arch="aarch64"), make_spec(images), paths, vmms)
+async def test_graceful_stop_is_not_supported_off_x86(fc: Harness) -> None:
+    vmm = await fc.boot(fc.make_driver(arch="aarch64"))
     with pytest.raises(NotSupported, match="kill"):
         await vmm.request_shutdown()
-    assert "SendCtrlAltDel" not in json.dumps(requests_of(paths))
+    assert "SendCtrlAltDel" not in json.dumps(fc.requests())
 
 
-async def test_kill_is_sigkill(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    vmm = await boot(make_driver(), make_spec(images), VMPaths(tmp_path / "vm"), vmms)
-    await vmm.kill()
-    status = await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
+async def test_kill_is_sigkill(fc: Harness) -> None:
+    vmm = await fc.boot()
+    status = await ended(vmm)
     assert status.signal == 9
     assert vmm.exit_reason() == "Firecracker killed by SIGKILL"
 
@@ -355,17 +359,11 @@ async def test_kill_is_sigkill(
 # ---------------------------------------------------------------------------- live changes
 
 
-async def test_live_patch_limits_then_remove_them(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(limits_for=None), make_spec(images), paths, vmms)
+async def test_live_patch_limits_then_remove_them(fc: Harness) -> None:
+    vmm = await fc.boot(fc.make_driver(limits_for=None))
     await vmm.apply_io_limits(IOLimits(disk_iops=200, net_mbps=1))
     await vmm.apply_io_limits(IOLimits())
-    rows = requests_of(paths, vmm.record.pid)
+    rows = fc.requests(vmm.record.pid)
     patches = [r for r in rows if r["method"] == "PATCH"]
     assert [r["status"] for r in patches] == [204] * 6
     assert [r["path"] for r in patches] == [
@@ -386,13 +384,8 @@ async def test_live_patch_limits_then_remove_them(
     assert patches[5]["body"]["rx_rate_limiter"] == off
 
 
-async def test_stats_accumulate_flushed_deltas(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    vmm = await boot(make_driver(), make_spec(images), VMPaths(tmp_path / "vm"), vmms)
+async def test_stats_accumulate_flushed_deltas(fc: Harness) -> None:
+    vmm = await fc.boot()
     await vmm.stats()
     stats = await vmm.stats()
     assert [d.device for d in stats.disks] == ["data1", "rootfs"]
@@ -404,19 +397,13 @@ async def test_stats_accumulate_flushed_deltas(
 # ---------------------------------------------------------------------------- snapshots
 
 
-async def test_pause_snapshot_resume(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(), make_spec(images), paths, vmms)
-    dest = paths.snapshots / "s1"
+async def test_pause_snapshot_resume(fc: Harness) -> None:
+    vmm = await fc.boot()
+    dest = fc.paths.snapshots / "s1"
     with pytest.raises(DriverError, match="paused"):
         await vmm.save_state(dest)
     with pytest.raises(FirecrackerAPIError, match="must be paused") as caught:
-        await vmm.api.snapshot_create(str(tmp_path / "x"), str(tmp_path / "y"))
+        await vmm.api.snapshot_create(str(fc.tmp_path / "x"), str(fc.tmp_path / "y"))
     assert caught.value.status == 400
     await vmm.pause()
     assert (await vmm.status(5)).status == "Paused"
@@ -427,7 +414,7 @@ async def test_pause_snapshot_resume(
         await vmm.save_state(dest, snapshot_type="Diff")
     await vmm.resume()
     assert (await vmm.status(5)).running
-    creates = [r for r in requests_of(paths, vmm.record.pid) if r["path"] == "/snapshot/create"]
+    creates = [r for r in fc.requests(vmm.record.pid) if r["path"] == "/snapshot/create"]
     assert [r["status"] for r in creates] == [400, 204]
     assert creates[1]["body"] == {
         "snapshot_path": str(dest / "vmstate"),
@@ -436,41 +423,24 @@ async def test_pause_snapshot_resume(
     }
 
 
-async def test_diff_snapshot_with_dirty_page_tracking(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(make_driver(track_dirty_pages=True), make_spec(images), paths, vmms)
+async def test_diff_snapshot_with_dirty_page_tracking(fc: Harness) -> None:
+    vmm = await fc.boot(fc.make_driver(track_dirty_pages=True))
     await vmm.pause()
-    await vmm.save_state(paths.snapshots / "d1", snapshot_type="Diff")
-    rows = requests_of(paths, vmm.record.pid)
-    machine = next(
-        r["body"] for r in rows if r["method"] == "PUT" and r["path"] == "/machine-config"
-    )
-    assert machine["track_dirty_pages"] is True
+    await vmm.save_state(fc.paths.snapshots / "d1", snapshot_type="Diff")
+    rows = fc.requests(vmm.record.pid)
+    assert put_bodies(rows)["/machine-config"]["track_dirty_pages"] is True
     assert [r["body"]["snapshot_type"] for r in rows if r["path"] == "/snapshot/create"] == ["Diff"]
 
 
-async def test_restore_loads_the_snapshot_on_a_fresh_process(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    driver = make_driver()
-    paths = VMPaths(tmp_path / "vm")
-    spec = make_spec(images)
-    first = await boot(driver, spec, paths, vmms)
+async def test_restore_loads_the_snapshot_on_a_fresh_process(fc: Harness) -> None:
+    driver, paths, spec = fc.make_driver(), fc.paths, fc.spec()
+    first = await fc.boot(driver, spec)
     await first.pause()
     await first.save_state(paths.snapshots / "s1")
-    await first.kill()
-    await asyncio.wait_for(asyncio.shield(first.exited), 10)
+    await ended(first)
 
     restored = await driver.restore("web-1", spec, paths, paths.snapshots / "s1")
-    vmms.append(restored)
+    fc.vmms.append(restored)
     assert restored.record.pid != first.record.pid
     await restored.wait_ready(10)  # a restored guest prints no marker: API state decides
     assert (await restored.status(5)).status == "Running"
@@ -491,46 +461,31 @@ async def test_restore_loads_the_snapshot_on_a_fresh_process(
     await restored.apply_io_limits(LIMITS)
 
 
-async def test_failed_snapshot_load_ends_the_process_and_says_so(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-) -> None:
-    state = tmp_path / "bad-snapshot"
+async def test_failed_snapshot_load_ends_the_process_and_says_so(fc: Harness) -> None:
+    state = fc.tmp_path / "bad-snapshot"
     state.mkdir()
     (state / "vmstate").write_text("not a snapshot")
     (state / "memory").write_bytes(bytes(16))
-    paths = VMPaths(tmp_path / "vm")
     with pytest.raises(BootFailed) as caught:
-        await make_driver().restore("web-1", make_spec(images), paths, state)
+        await fc.make_driver().restore("web-1", fc.spec(), fc.paths, state)
     message = str(caught.value)
     assert "snapshot load" in message and "Load snapshot error" in message
     assert "exited with code 1" in message
     assert isinstance(caught.value.__cause__, FirecrackerAPIError)
 
 
-async def test_restore_without_snapshot_files_is_refused_early(
-    make_driver: Callable[..., FirecrackerDriver], images: dict[str, Path], tmp_path: Path
-) -> None:
-    paths = VMPaths(tmp_path / "vm")
+async def test_restore_without_snapshot_files_is_refused_early(fc: Harness) -> None:
     with pytest.raises(DriverError, match="vmstate is missing"):
-        await make_driver().restore("web-1", make_spec(images), paths, tmp_path / "nothing")
-    assert requests_of(paths) == []
+        await fc.make_driver().restore("web-1", fc.spec(), fc.paths, fc.tmp_path / "nothing")
+    assert fc.requests() == []
 
 
 # ---------------------------------------------------------------------------- adopt
 
 
-async def test_adopt_checks_identity(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-) -> None:
-    driver = make_driver()
-    paths = VMPaths(tmp_path / "vm")
-    spec = make_spec(images)
-    vmm = await boot(driver, spec, paths, vmms)
+async def test_adopt_checks_identity(fc: Harness) -> None:
+    driver, paths, spec = fc.make_driver(), fc.paths, fc.spec()
+    vmm = await fc.boot(driver, spec)
     again = await driver.adopt(spec, paths, vmm.record)
     try:
         assert (await again.status(5)).running
@@ -676,12 +631,7 @@ def test_binary_from_environment(
 
 
 async def test_jailed_vm_uses_in_jail_paths_end_to_end(
-    make_driver: Callable[..., FirecrackerDriver],
-    images: dict[str, Path],
-    tmp_path: Path,
-    vmms: list[FirecrackerVMM],
-    fake_jailer: Path,
-    fake_firecracker: Path,
+    fc: Harness, fake_jailer: Path, fake_firecracker: Path
 ) -> None:
     # a Unix socket path has at most 107 bytes: tmp_path is too deep for the jail's socket
     base = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))
@@ -695,19 +645,15 @@ async def test_jailed_vm_uses_in_jail_paths_end_to_end(
         memory_overhead_mib=64,
         parent_cgroup="stoker",
     )
-    driver = make_driver(jailer=jailer)
-    spec = make_spec(images)
-    paths = VMPaths(tmp_path / "vm")
-    vmm = await boot(driver, spec, paths, vmms)
+    driver, paths, spec = fc.make_driver(jailer=jailer), fc.paths, fc.spec()
+    vmm = await fc.boot(driver, spec)
     jail = jail_paths(base, fake_firecracker, "web-1")
     assert vmm.record.control_socket == str(jail.api_socket)
     argv = json.loads((jail.root / "jailer-argv.json").read_text())
     assert argv[argv.index("--cgroup-version") + 1] == "2"
     assert "cpu.max=100000 100000" in argv and f"memory.max={320 * 1024 * 1024}" in argv
     assert argv[argv.index("--") + 1 :] == ["--api-sock", "/run/firecracker.socket"]
-    log = Path(str(jail.api_socket) + ".requests.jsonl")
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    bodies = {r["path"]: r["body"] for r in rows if r["method"] == "PUT"}
+    bodies = put_bodies(requests_at(jail.api_socket))
     assert bodies["/boot-source"]["kernel_image_path"] == "/vmlinux"
     assert bodies["/drives/rootfs"]["path_on_host"] == "/rootfs"
     assert bodies["/drives/data1"]["path_on_host"] == "/data1"
@@ -719,22 +665,20 @@ async def test_jailed_vm_uses_in_jail_paths_end_to_end(
     dest = paths.snapshots / "s1"
     await vmm.save_state(dest)
     assert (dest / "vmstate").is_file() and (dest / "memory").is_file()
-    await vmm.kill()
-    await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
+    await ended(vmm)
 
     restored = await driver.restore("web-1", spec, paths, dest)
-    vmms.append(restored)
+    fc.vmms.append(restored)
     assert (await restored.status(5)).running
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = requests_at(jail.api_socket)
     load = next(r["body"] for r in rows if r["path"] == "/snapshot/load" and r["status"] == 204)
     assert load["snapshot_path"] == "/vmstate"
     assert load["mem_backend"]["backend_path"] == "/memory"
-    await restored.kill()
-    await asyncio.wait_for(asyncio.shield(restored.exited), 10)
+    await ended(restored)
     clean_jail(jail)
     assert not jail.base.exists()
     shutil.rmtree(base)
-    assert images["rootfs"].is_file() and (dest / "vmstate").is_file()
+    assert fc.images["rootfs"].is_file() and (dest / "vmstate").is_file()
 
 
 async def test_too_long_socket_path_is_refused_clearly(

@@ -267,6 +267,10 @@ def test_v1_missing_controller(v1root: Path) -> None:
         (lambda cg: cg.add_process("../x", 1), "invalid VM id"),
     ],
 )
-def test_argument_validation(v2root: Path, call, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=message):
-        call(V2Cgroups(v2root, writer=Recorder(v2root)))
+def test_argument_validation(v1root: Path, v2root: Path, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    for cg in (
+        V2Cgroups(v2root, writer=Recorder(v2root)),
+        V1Cgroups(v1root, writer=Recorder(v1root)),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(cg)

@@ -88,6 +88,14 @@ def types(events: EventBus, vm_id: str) -> list[str]:
     return [e.type for e in events.store.list(vm_id=vm_id, limit=1000)]
 
 
+def listening_recovery(world) -> Recovery:
+    """A Recovery over the world's fake lifecycle, told of every event (as the agent wires it)."""
+    _, events, _, lifecycle = world
+    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
+    events.add_listener(recovery.on_event)
+    return recovery
+
+
 async def settle(recovery: Recovery, seconds: float = 0.05) -> None:
     await asyncio.sleep(seconds)
     await recovery.drain()
@@ -95,8 +103,7 @@ async def settle(recovery: Recovery, seconds: float = 0.05) -> None:
 
 async def test_error_under_on_failure_schedules_a_persisted_retry_then_restarts(world):
     _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    recovery = listening_recovery(world)
     vm = make_vm(vms, restart={"policy": "on-failure", "backoff_initial_s": 0.2})
     await lifecycle.set_state(vm.id, S.ERROR, "VMM killed by SIGKILL")
     await settle(recovery)
@@ -115,9 +122,8 @@ async def test_error_under_on_failure_schedules_a_persisted_retry_then_restarts(
 
 
 async def test_policy_never_and_operator_stops_do_nothing(world):
-    _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    _, _, vms, lifecycle = world
+    recovery = listening_recovery(world)
     vm = make_vm(vms)  # policy never
     await lifecycle.set_state(vm.id, S.ERROR, "VMM exited with code 1")
     other = make_vm(vms, "cron", restart={"policy": "always"})
@@ -129,9 +135,8 @@ async def test_policy_never_and_operator_stops_do_nothing(world):
 
 
 async def test_always_restarts_after_a_guest_power_off_but_on_failure_does_not(world):
-    _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    _, _, vms, lifecycle = world
+    recovery = listening_recovery(world)
     always = make_vm(vms, "a", restart={"policy": "always", "backoff_initial_s": 0.01})
     failing = make_vm(vms, "b", restart={"policy": "on-failure", "backoff_initial_s": 0.01})
     await lifecycle.set_state(always.id, S.STOPPED, "guest powered off")
@@ -142,8 +147,7 @@ async def test_always_restarts_after_a_guest_power_off_but_on_failure_does_not(w
 
 async def test_limit_reached_restates_the_error_and_tells(world):
     _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    recovery = listening_recovery(world)
     vm = make_vm(vms, restart={"policy": "on-failure", "max_retries": 2})
     vms.set_restart_info(vm.id, 2, datetime.now(UTC), None)
     await lifecycle.set_state(vm.id, S.ERROR, "VMM exited with code 1 during boot")
@@ -180,8 +184,7 @@ async def test_a_retry_persisted_by_a_previous_agent_is_rearmed_at_start(world):
     _, events, vms, lifecycle = world
     vm = make_vm(vms, state=S.ERROR, restart={"policy": "on-failure"})
     vms.set_restart_info(vm.id, 1, None, datetime.now(UTC) - timedelta(seconds=1))
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    recovery = listening_recovery(world)
     await recovery.start()
     await settle(recovery, 0.1)
     assert lifecycle.calls == [("restart", vm.id, False, "auto-restart 2 of 5 after a failure")]
@@ -192,8 +195,7 @@ async def test_a_retry_persisted_by_a_previous_agent_is_rearmed_at_start(world):
 
 async def test_an_operator_start_cancels_a_pending_retry_and_resets_the_count(world):
     _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
-    events.add_listener(recovery.on_event)
+    recovery = listening_recovery(world)
     vm = make_vm(vms, restart={"policy": "on-failure", "backoff_initial_s": 5})
     vms.set_restart_info(vm.id, 3, None, None)
     await lifecycle.set_state(vm.id, S.ERROR, "VMM killed by SIGKILL")

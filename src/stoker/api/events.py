@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
@@ -37,23 +37,15 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 class EventOut(BaseModel):
+    # the API's view of an Event record: same fields, so it is validated straight from one
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     at: datetime
     vm_id: str | None
     type: str
     message: str
     data: dict[str, Any]
-
-    @classmethod
-    def of(cls, event: Event) -> EventOut:
-        return cls(
-            id=event.id,
-            at=event.at,
-            vm_id=event.vm_id,
-            type=event.type,
-            message=event.message,
-            data=event.data,
-        )
 
 
 def _vm_id(svc: Services, ref: str | None) -> str | None:
@@ -118,7 +110,7 @@ async def list_events(
     events = svc.events.store.list(
         vm_id=_vm_id(svc, vm), since=_since(since), type=type, after_id=after, limit=limit
     )
-    return [EventOut.of(e) for e in events]
+    return [EventOut.model_validate(e) for e in events]
 
 
 @router.get(
@@ -179,5 +171,5 @@ async def stream_events(
 
 
 def _sse(event: Event) -> str:
-    data = EventOut.of(event).model_dump_json()
+    data = EventOut.model_validate(event).model_dump_json()
     return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"

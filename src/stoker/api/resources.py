@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
@@ -20,6 +20,8 @@ from stoker.services.sampling import Reading
 from stoker.store.resources import NodeSample, VMSample
 
 # ------------------------------------------------------------------------------ shapes
+
+_Out = TypeVar("_Out", bound=BaseModel)
 
 MEMORY_DOC = (
     "resident set size (RSS) of the VMM process: the guest RAM it has touched plus the "
@@ -164,47 +166,30 @@ def _at(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
 
+def _shape(model: type[_Out], record: object, **renamed: Any) -> _Out:
+    """``model`` from the record's attributes of the same names, plus those named otherwise."""
+    same = {name: getattr(record, name) for name in model.model_fields if hasattr(record, name)}
+    return model(**{**same, **renamed})
+
+
 def usage_out(r: Reading) -> UsageOut:
-    return UsageOut(
-        id=r.vm_id,
-        name=r.name,
-        at=_at(r.t),
-        vcpus=r.vcpus,
-        cpu_percent=r.cpu_percent,
-        memory_bytes=r.memory_bytes,
-        disk_read_bytes=r.disk_read_bytes,
-        disk_write_bytes=r.disk_write_bytes,
-        net_rx_bytes=r.net_rx_bytes,
-        net_tx_bytes=r.net_tx_bytes,
-        unavailable=r.unavailable,
-    )
+    return _shape(UsageOut, r, id=r.vm_id, at=_at(r.t))
 
 
 def node_point(s: NodeSample) -> NodePointOut:
-    return NodePointOut(
+    return _shape(
+        NodePointOut,
+        s,
         at=_at(s.t),
-        resolution_s=s.resolution_s,
-        vms=s.vms,
-        vcpus_allocated=s.vcpus_allocated,
         memory_allocated_bytes=s.memory_allocated,
         cpu_used_cores=s.cpu_used,
         memory_used_bytes=s.memory_used,
-        host_cpu_percent=s.host_cpu_percent,
         host_memory_used_bytes=s.host_memory_used,
     )
 
 
 def vm_point(s: VMSample) -> VMPointOut:
-    return VMPointOut(
-        at=_at(s.t),
-        resolution_s=s.resolution_s,
-        cpu_percent=s.cpu_percent,
-        memory_bytes=s.memory_bytes,
-        disk_read_bytes=s.disk_read_bytes,
-        disk_write_bytes=s.disk_write_bytes,
-        net_rx_bytes=s.net_rx_bytes,
-        net_tx_bytes=s.net_tx_bytes,
-    )
+    return _shape(VMPointOut, s, at=_at(s.t))
 
 
 def _fraction(value: float | None, of: float) -> float | None:
@@ -220,16 +205,7 @@ def resources_out(svc: ResourceService) -> ResourcesOut:
     now_t = svc.clock().timestamp()
     capacities = svc.capacities()
     return ResourcesOut(
-        capacity=CapacityOut(
-            physical_cpus=cap.physical_cpus,
-            memory_bytes=cap.memory_bytes,
-            max_vms=cap.max_vms,
-            cpu_overcommit=cap.cpu_overcommit,
-            memory_headroom=cap.memory_headroom,
-            vcpus=cap.vcpu_limit,
-            memory_limit_bytes=cap.memory_limit_bytes,
-            source=svc.capacity_source,
-        ),
+        capacity=_shape(CapacityOut, cap, vcpus=cap.vcpu_limit, source=svc.capacity_source),
         allocated=AllocationOut(**asdict(allocated)),
         available=AllocationOut(**asdict(free)),
         usage=NodeUsageOut(
@@ -245,12 +221,10 @@ def resources_out(svc: ResourceService) -> ResourcesOut:
             host_memory_used_bytes=node.host_memory_used if node else None,
         ),
         vms=[
-            VMAllocationOut(
+            _shape(
+                VMAllocationOut,
+                r,
                 id=r.vm_id,
-                name=r.name,
-                state=r.state,
-                vcpus=r.vcpus,
-                memory_bytes=r.memory_bytes,
                 reserved_at=r.reserved_at.replace("Z", "+00:00"),
                 usage=usage_out(readings[r.vm_id]) if r.vm_id in readings else None,
             )
@@ -293,11 +267,16 @@ class Unavailable(ServiceError):
     title = "Resource tracking is not enabled"
 
 
-def _resources(svc: Services) -> ResourceService:
-    service = svc.extra.get("resources")
-    if service is None:
+def _installed(svc: Services, name: str) -> Any:
+    """What the resources capability registered as ``name``, or a 409 saying it is off."""
+    part = svc.extra.get(name)
+    if part is None:
         raise Unavailable("this agent runs without the resources capability")
-    return service  # type: ignore[no-any-return]
+    return part
+
+
+def _resources(svc: Services) -> ResourceService:
+    return _installed(svc, "resources")  # type: ignore[no-any-return]
 
 
 def _duration(text: str) -> float:
@@ -368,7 +347,5 @@ async def prometheus_metrics(svc: Svc) -> Response:
     """Prometheus exposition (text format 0.0.4)."""
     from stoker.services.metrics import CONTENT_TYPE
 
-    metrics = svc.extra.get("metrics")
-    if metrics is None:
-        raise Unavailable("this agent runs without the resources capability")
+    metrics = _installed(svc, "metrics")
     return Response(content=metrics.exposition(), media_type=CONTENT_TYPE)

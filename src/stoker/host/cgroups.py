@@ -3,7 +3,7 @@
 Each VMM gets its own cgroup under a parent (``stoker`` by default) so CPU, memory and disk I/O
 caps apply to the process that is the VM. Hosts differ: most current ones are v2 only, some
 (this one) are v1 with an empty unified hierarchy. Both speak different files for the same
-limits, so the backends share one protocol and one writer.
+limits, so the backends share one base class (construction, argument checks) and one writer.
 
 The scripts this replaces silenced write errors and reported success. Here every write goes
 through :func:`write_file`, which raises :class:`CgroupError` naming the file and the value.
@@ -14,16 +14,24 @@ from __future__ import annotations
 import errno
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TypeVar
 
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio")
 V2_CONTROLLERS = ("cpu", "memory", "io")
+#: v1 keeps each throttle in its own blkio file
+V1_IO_FILES = {
+    "riops": "read_iops_device",
+    "wiops": "write_iops_device",
+    "rbps": "read_bps_device",
+    "wbps": "write_bps_device",
+}
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{1,128}$")
@@ -64,6 +72,7 @@ class MemoryEvents:
 
 
 Writer = Callable[[Path, str], None]
+_Counters = TypeVar("_Counters", CpuStats, MemoryEvents)
 
 
 def write_file(path: Path, value: str) -> None:
@@ -101,6 +110,13 @@ def _read_keyed(path: Path) -> dict[str, int]:
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
+
+
+def _read_counters(record: type[_Counters], path: Path) -> _Counters:
+    """A v2 counters file whose keys are the record's field names; a key not there counts 0
+    (older kernels lack some)."""
+    values = _read_keyed(path)
+    return record(**{f.name: values.get(f.name, 0) for f in fields(record)})
 
 
 def _read_int(path: Path) -> int:
@@ -161,14 +177,47 @@ def _pids(procs_file: Path) -> list[int]:
     return [int(p) for p in _read(procs_file).split()]
 
 
-class CgroupBackend(Protocol):
+#: per-device throttles in v2 order, by v2 key; None means "no limit" (spelled per version)
+IOLimits = tuple[tuple[str, int | None], ...]
+
+
+class CgroupBackend(ABC):
+    """One VM cgroup per VM id, on either version.
+
+    The shared part is construction and checking every argument before any write, so a bad
+    value never leaves a cgroup half-configured; each version writes its own files.
+    """
+
     mode: CgroupMode
 
+    def __init__(
+        self, root: Path = DEFAULT_ROOT, parent: str = "stoker", writer: Writer = write_file
+    ) -> None:
+        self.root = Path(root)
+        self.parent = _validate_parent(parent)
+        self.write = writer
+
+    @abstractmethod
     def path(self, vm_id: str) -> Path: ...
+    @abstractmethod
     def create(self, vm_id: str) -> None: ...
+    @abstractmethod
     def add_process(self, vm_id: str, pid: int) -> None: ...
+    @abstractmethod
     def set_cpu_percent(self, vm_id: str, percent: float | None) -> None: ...
-    def set_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None: ...
+    @abstractmethod
+    def read_cpu_stats(self, vm_id: str) -> CpuStats: ...
+    @abstractmethod
+    def read_memory_events(self, vm_id: str) -> MemoryEvents: ...
+    @abstractmethod
+    def read_memory_current(self, vm_id: str) -> int: ...
+    @abstractmethod
+    def remove(self, vm_id: str, move_strays: bool = False) -> None: ...
+
+    def set_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None:
+        _check_memory(max_bytes, high_bytes)
+        self._write_memory(vm_id, max_bytes, high_bytes)
+
     def set_io(
         self,
         vm_id: str,
@@ -177,24 +226,22 @@ class CgroupBackend(Protocol):
         wiops: int | None = None,
         rbps: int | None = None,
         wbps: int | None = None,
-    ) -> None: ...
-    def read_cpu_stats(self, vm_id: str) -> CpuStats: ...
-    def read_memory_events(self, vm_id: str) -> MemoryEvents: ...
-    def read_memory_current(self, vm_id: str) -> int: ...
-    def remove(self, vm_id: str, move_strays: bool = False) -> None: ...
+    ) -> None:
+        _validate_device(device)
+        limits = (("riops", riops), ("wiops", wiops), ("rbps", rbps), ("wbps", wbps))
+        _check_io(value for _, value in limits)
+        self._write_io(vm_id, device, limits)
+
+    @abstractmethod
+    def _write_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None: ...
+    @abstractmethod
+    def _write_io(self, vm_id: str, device: str, limits: IOLimits) -> None: ...
 
 
-class V2Cgroups:
+class V2Cgroups(CgroupBackend):
     """One directory per VM under <root>/<parent> in the unified hierarchy."""
 
     mode = CgroupMode.V2
-
-    def __init__(
-        self, root: Path = DEFAULT_ROOT, parent: str = "stoker", writer: Writer = write_file
-    ) -> None:
-        self.root = Path(root)
-        self.parent = _validate_parent(parent)
-        self.write = writer
 
     def path(self, vm_id: str) -> Path:
         return self.root / self.parent / validate_vm_id(vm_id)
@@ -231,46 +278,20 @@ class V2Cgroups:
         quota = "max" if percent is None else str(_cpu_quota_us(percent))
         self.write(self.path(vm_id) / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
-    def set_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None:
-        _check_memory(max_bytes, high_bytes)
+    def _write_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None:
         base = self.path(vm_id)
         self.write(base / "memory.high", "max" if high_bytes is None else str(high_bytes))
         self.write(base / "memory.max", "max" if max_bytes is None else str(max_bytes))
 
-    def set_io(
-        self,
-        vm_id: str,
-        device: str,
-        riops: int | None = None,
-        wiops: int | None = None,
-        rbps: int | None = None,
-        wbps: int | None = None,
-    ) -> None:
-        _validate_device(device)
-        _check_io((riops, wiops, rbps, wbps))
-        fields = " ".join(
-            f"{key}={'max' if value is None else value}"
-            for key, value in (("riops", riops), ("wiops", wiops), ("rbps", rbps), ("wbps", wbps))
-        )
+    def _write_io(self, vm_id: str, device: str, limits: IOLimits) -> None:
+        fields = " ".join(f"{key}={'max' if value is None else value}" for key, value in limits)
         self.write(self.path(vm_id) / "io.max", f"{device} {fields}")
 
     def read_cpu_stats(self, vm_id: str) -> CpuStats:
-        stat = _read_keyed(self.path(vm_id) / "cpu.stat")
-        return CpuStats(
-            usage_usec=stat.get("usage_usec", 0),
-            nr_periods=stat.get("nr_periods", 0),
-            nr_throttled=stat.get("nr_throttled", 0),
-            throttled_usec=stat.get("throttled_usec", 0),
-        )
+        return _read_counters(CpuStats, self.path(vm_id) / "cpu.stat")
 
     def read_memory_events(self, vm_id: str) -> MemoryEvents:
-        ev = _read_keyed(self.path(vm_id) / "memory.events")
-        return MemoryEvents(
-            high=ev.get("high", 0),
-            max=ev.get("max", 0),
-            oom=ev.get("oom", 0),
-            oom_kill=ev.get("oom_kill", 0),
-        )
+        return _read_counters(MemoryEvents, self.path(vm_id) / "memory.events")
 
     def read_memory_current(self, vm_id: str) -> int:
         return _read_int(self.path(vm_id) / "memory.current")
@@ -289,7 +310,7 @@ class V2Cgroups:
         _rmdir(target)
 
 
-class V1Cgroups:
+class V1Cgroups(CgroupBackend):
     """One directory per VM in each of the cpu, cpuacct, memory and blkio hierarchies."""
 
     mode = CgroupMode.V1
@@ -301,9 +322,7 @@ class V1Cgroups:
         writer: Writer = write_file,
         controllers: tuple[str, ...] = V1_CONTROLLERS,
     ) -> None:
-        self.root = Path(root)
-        self.parent = _validate_parent(parent)
-        self.write = writer
+        super().__init__(root, parent, writer)
         self.controllers = controllers
 
     def path(self, vm_id: str, controller: str = "cpu") -> Path:
@@ -339,33 +358,17 @@ class V1Cgroups:
         self.write(base / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         self.write(base / "cpu.cfs_quota_us", str(quota))
 
-    def set_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None:
-        _check_memory(max_bytes, high_bytes)
+    def _write_memory(self, vm_id: str, max_bytes: int | None, high_bytes: int | None) -> None:
         base = self.path(vm_id, "memory")
         self.write(base / "memory.limit_in_bytes", "-1" if max_bytes is None else str(max_bytes))
         soft = "-1" if high_bytes is None else str(high_bytes)
         self.write(base / "memory.soft_limit_in_bytes", soft)
 
-    def set_io(
-        self,
-        vm_id: str,
-        device: str,
-        riops: int | None = None,
-        wiops: int | None = None,
-        rbps: int | None = None,
-        wbps: int | None = None,
-    ) -> None:
-        """One line per limit; 0 removes a v1 throttle, so None is written as 0."""
-        _validate_device(device)
-        _check_io((riops, wiops, rbps, wbps))
+    def _write_io(self, vm_id: str, device: str, limits: IOLimits) -> None:
+        """One file per limit; 0 removes a v1 throttle, so None is written as 0."""
         base = self.path(vm_id, "blkio")
-        for name, value in (
-            ("read_iops_device", riops),
-            ("write_iops_device", wiops),
-            ("read_bps_device", rbps),
-            ("write_bps_device", wbps),
-        ):
-            self.write(base / f"blkio.throttle.{name}", f"{device} {value or 0}")
+        for key, value in limits:
+            self.write(base / f"blkio.throttle.{V1_IO_FILES[key]}", f"{device} {value or 0}")
 
     def read_cpu_stats(self, vm_id: str) -> CpuStats:
         usage_ns = _read_int(self.path(vm_id, "cpuacct") / "cpuacct.usage")

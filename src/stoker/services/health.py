@@ -33,10 +33,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
 from stoker.api.schemas import HealthOut
-from stoker.config import AgentConfig, ConfigError
+from stoker.config import AgentConfig, ConfigError, section
 from stoker.domain import health as verdicts
 from stoker.domain.health import Health, ProbeState, Result
 from stoker.domain.spec import Probe, ProbeKind
@@ -284,14 +284,8 @@ class _Stopper:
 def install(services: Services, config: AgentConfig, db: Database) -> None:
     """Wire health, recovery and hooks into the agent (before ``lifecycle.recover()``, so
     re-adopted VMMs get probes and VMMs that died while the agent was down get the policy)."""
-    try:
-        health_config = HealthConfig.model_validate(config.sections.get("health", {}))
-        hooks_config = HooksConfig.model_validate(config.sections.get("hooks", {}))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid [health]/[hooks] configuration: {problems}") from None
+    health_config = section(config, "health", HealthConfig)
+    hooks_config = section(config, "hooks", HooksConfig)
     lifecycle, events = services.lifecycle, services.events
     health = HealthService(lifecycle, events, HealthStore(db), health_config)
     recovery = Recovery(lifecycle, events, health_config)

@@ -41,7 +41,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Any, Literal
@@ -70,6 +70,8 @@ HookEvent = Literal[
 ALL_EVENTS: tuple[str, ...] = HookEvent.__args__  # type: ignore[attr-defined]
 ENTRY_POINT_GROUP = "stoker.hooks"
 PythonHook = Callable[[str, dict[str, Any]], Any]
+#: (passed, detail, extra event fields) of one hook run
+Outcome = tuple[bool, str, dict[str, Any]]
 
 
 class HookConfig(BaseModel):
@@ -253,29 +255,43 @@ class HookService:
 
     # ---------------------------------------------------------------------- running
 
-    async def run(self, hook: HookConfig, hook_event: str, vm: VM, payload: dict[str, Any]) -> bool:
-        """Run one hook within its timeout; record the result as an event; True if it passed."""
+    async def run(
+        self, hook: HookConfig, hook_event: str, vm: VM, payload: dict[str, Any]
+    ) -> tuple[bool, str]:
+        """Run one hook within its timeout; record the result as an event; (passed, detail)."""
         timeout = hook.timeout_s or self.config.timeout_s
+
+        async def attempt() -> Outcome:
+            if hook.kind == "exec":
+                return await self._run_exec(hook, hook_event, vm, payload, timeout)
+            if hook.kind == "webhook":
+                return await self._run_webhook(hook, payload, timeout)
+            fn = self.python[str(hook.entry_point)]
+            return await self._run_python(fn, hook_event, payload, timeout)
+
+        return await self._recorded(hook.label(), hook.kind, hook_event, vm, attempt)
+
+    async def _recorded(
+        self,
+        label: str,
+        kind: str,
+        hook_event: str,
+        vm: VM,
+        attempt: Callable[[], Awaitable[Outcome]],
+    ) -> tuple[bool, str]:
+        """Time one hook run and record its result, whatever happens inside it."""
         began = time.monotonic()
         extra: dict[str, Any] = {}
         try:
-            if hook.kind == "exec":
-                ok, detail, extra = await self._run_exec(hook, hook_event, vm, payload, timeout)
-            elif hook.kind == "webhook":
-                ok, detail, extra = await self._run_webhook(hook, payload, timeout)
-            else:
-                fn = self.python[str(hook.entry_point)]
-                ok, detail = await self._run_python(fn, hook_event, payload, timeout)
+            ok, detail, extra = await attempt()
         except Exception as exc:  # a broken hook is a failed hook, never a broken agent
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        self._record(
-            hook.label(), hook.kind, hook_event, vm, ok, detail, time.monotonic() - began, **extra
-        )
+        self._record(label, kind, hook_event, vm, ok, detail, time.monotonic() - began, **extra)
         return ok, detail
 
     async def _run_exec(
         self, hook: HookConfig, hook_event: str, vm: VM, payload: dict[str, Any], timeout: float
-    ) -> tuple[bool, str, dict[str, Any]]:
+    ) -> Outcome:
         assert hook.argv
         body = json.dumps(payload, default=str)
         env = vm_environment(
@@ -298,7 +314,7 @@ class HookService:
 
     async def _run_webhook(
         self, hook: HookConfig, payload: dict[str, Any], timeout: float
-    ) -> tuple[bool, str, dict[str, Any]]:
+    ) -> Outcome:
         assert hook.url
         detail = ""
         async with httpx.AsyncClient(timeout=timeout) as http:
@@ -320,14 +336,14 @@ class HookService:
 
     async def _run_python(
         self, fn: PythonHook, hook_event: str, payload: dict[str, Any], timeout: float
-    ) -> tuple[bool, str]:
+    ) -> Outcome:
         try:
             result = await self._call_python(fn, hook_event, payload, timeout)
         except TimeoutError:
-            return False, f"timed out after {timeout:g} s"
+            return False, f"timed out after {timeout:g} s", {}
         if result is False:
-            return False, "returned False"
-        return True, "returned" if result is None else f"returned {result!r}"[:OUTPUT_TAIL]
+            return False, "returned False", {}
+        return True, "returned" if result is None else f"returned {result!r}"[:OUTPUT_TAIL], {}
 
     async def _call_python(
         self, fn: PythonHook, hook_event: str, payload: dict[str, Any], timeout: float
@@ -342,13 +358,12 @@ class HookService:
     ) -> bool:
         if hook_event == "pre_start":
             return True  # pre_start is run in order by pre_start()
-        began = time.monotonic()
-        try:
-            ok, detail = await self._run_python(fn, hook_event, payload, self.config.timeout_s)
-        except Exception as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        self._record(
-            f"python:{name}", "python", hook_event, vm, ok, detail, time.monotonic() - began
+        ok, _ = await self._recorded(
+            f"python:{name}",
+            "python",
+            hook_event,
+            vm,
+            lambda: self._run_python(fn, hook_event, payload, self.config.timeout_s),
         )
         return ok
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from stoker.domain.states import VMState
-from stoker.services.resources import ResourceService
+
+if TYPE_CHECKING:  # the resources package installs these metrics: no import cycle at run time
+    from stoker.services.resources import ResourceService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEALTH_VALUES = ("healthy", "unhealthy", "unknown")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stoker.domain.capacity import Allocation, Request, Shortfall
 
@@ -113,6 +113,7 @@ _VM_FOLD = {
 }
 
 Admit = Callable[[Allocation], Shortfall | None]
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -162,17 +163,7 @@ class ResourceStore:
             "SELECT r.*, v.name, v.state FROM reservations r LEFT JOIN vms v ON v.id = r.vm_id"
             " ORDER BY v.name"
         )
-        return [
-            Reservation(
-                vm_id=r["vm_id"],
-                name=r["name"],
-                state=r["state"],
-                vcpus=r["vcpus"],
-                memory_bytes=r["memory_bytes"],
-                reserved_at=r["reserved_at"],
-            )
-            for r in rows
-        ]
+        return _records(Reservation, rows)
 
     def reconcile(
         self, holding_states: Iterable[str], free_states: Iterable[str], at: datetime
@@ -238,7 +229,7 @@ class ResourceStore:
             "SELECT * FROM node_samples WHERE t >= ? AND t <= ? ORDER BY t",
             (since_t, until_t if until_t is not None else float("inf")),
         )
-        return [NodeSample(**{c: r[c] for c in NODE_COLUMNS}) for r in rows]
+        return _records(NodeSample, rows)
 
     def vm_samples(
         self, vm_id: str, since_t: float, until_t: float | None = None
@@ -247,7 +238,7 @@ class ResourceStore:
             "SELECT * FROM vm_samples WHERE vm_id = ? AND t >= ? AND t <= ? ORDER BY t",
             (vm_id, since_t, until_t if until_t is not None else float("inf")),
         )
-        return [VMSample(**{c: r[c] for c in VM_COLUMNS}) for r in rows]
+        return _records(VMSample, rows)
 
     def count_samples(self) -> tuple[int, int]:
         node = self.db.query_one("SELECT COUNT(*) FROM node_samples")
@@ -282,6 +273,12 @@ _TOTALS = (
 def _allocation(row: object) -> Allocation:
     vms, vcpus, memory = row if row is not None else (0, 0, 0)  # type: ignore[misc]
     return Allocation(vms=int(vms), vcpus=int(vcpus), memory_bytes=int(memory))
+
+
+def _records(record: type[_R], rows: Iterable[Any]) -> list[_R]:
+    """Rows whose columns are named like the record's fields, as records."""
+    names = [f.name for f in fields(record)]  # type: ignore[arg-type]
+    return [record(**{n: row[n] for n in names}) for row in rows]
 
 
 def _marks(values: Sequence[object]) -> str:
