@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -81,6 +81,21 @@ KNOWN_SECTIONS = {"api", "qemu", "firecracker", "log", "data_dir"}
 
 class ConfigError(Exception):
     pass
+
+
+SectionModel = TypeVar("SectionModel", bound=BaseModel)
+
+
+def section(config: AgentConfig, name: str, model: type[SectionModel]) -> SectionModel:
+    """A capability's ``[name]`` table validated by its own model; a bad key stops the agent
+    with a message naming it (``invalid [quotas] configuration: quotas.cpu_percent: ...``)."""
+    try:
+        return model.model_validate(config.sections.get(name, {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid [{name}] configuration: {problems}") from None
 
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> AgentConfig:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stoker.client import AgentUnreachable, Client, StokerError, dumps
 
@@ -34,13 +35,13 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except AgentUnreachable as exc:
-            err.print(f"[red]error:[/red] {exc.detail}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(exc.detail)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except StokerError as exc:
-            err.print(f"[red]error:[/red] {exc.detail}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(exc.detail)}", highlight=False, soft_wrap=True)
             for item in exc.body.get("errors") or []:
                 err.print(
-                    f"  - {item.get('field')}: {item.get('message')}",
+                    escape(f"  - {item.get('field')}: {item.get('message')}"),
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -53,7 +54,7 @@ def handle_errors(fn: F) -> F:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

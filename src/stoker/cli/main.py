@@ -77,6 +77,8 @@ def agent(
     logs.setup(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(Agent(cfg).run())
+    except ConfigError as exc:  # a capability's own section, validated as it is installed
+        raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"the agent could not start: {exc}") from None
 
