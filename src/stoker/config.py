@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_DATA_DIR = Path("/var/lib/stoker")
+MAX_DATA_DIR_LEN = 107 - len("/vms/0123456789abcdef/control.sock")
 
 
 class Section(BaseModel):
@@ -66,6 +67,17 @@ class AgentConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     #: sections owned by later capabilities, validated by their own services
     sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _short_data_dir(self) -> AgentConfig:
+        # each VM's control socket is <data_dir>/vms/<16-hex id>/control.sock, and a Unix
+        # socket path must fit in 107 bytes
+        if len(str(self.data_dir)) > MAX_DATA_DIR_LEN:
+            raise ValueError(
+                f"data_dir {str(self.data_dir)!r} is longer than {MAX_DATA_DIR_LEN} characters;"
+                " VM control sockets under it would exceed the 107-byte Unix socket limit"
+            )
+        return self
 
     @property
     def socket_path(self) -> Path:

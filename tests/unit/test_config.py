@@ -55,3 +55,9 @@ def test_unknown_key_is_an_error(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Path("/nonexistent/agent.toml"), environ={})
+
+
+def test_data_dir_must_leave_room_for_socket_paths():
+    with pytest.raises(ConfigError, match="107-byte Unix socket limit"):
+        load_config(None, environ={"STOKER_DATA_DIR": "/srv/" + "x" * 80})
+    assert load_config(None, environ={"STOKER_DATA_DIR": "/srv/" + "x" * 60}).data_dir
