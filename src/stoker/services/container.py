@@ -25,9 +25,3 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
     #: started after VMs are re-adopted, stopped (in reverse) before the agent lets go of them
     background: list[Background] = field(default_factory=list)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["extra"][name]
-        except KeyError:
-            raise AttributeError(name) from None
