@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +88,17 @@ def pid_alive(pid: int) -> bool:
 class AgentProcess:
     """``stoker agent`` as a real process with its own data directory and socket."""
 
-    def __init__(self, data_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir or short_tmpdir()
         self.socket = self.data_dir / "stoker.sock"
         self.env = env or {}
+        #: run the agent under this command, e.g. ``ip netns exec NS``
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.data_dir / "agent.log"
 
@@ -100,7 +107,7 @@ class AgentProcess:
         env.pop("STOKER_SOCKET", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stoker.cli.main", "agent"],
+                [*self.wrapper, sys.executable, "-m", "stoker.cli.main", "agent"],
                 env=env,
                 stdout=log,
                 stderr=log,

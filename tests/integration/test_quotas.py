@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -283,42 +281,9 @@ def test_disk_throttle_visible_in_qemu_and_slows_direct_io(quota_agent, tmp_path
         assert (observed["bps"], observed["iops"]) == (0, 0)
 
 
-class NetnsAgent(AgentProcess):
+def netns_agent(netns: str) -> AgentProcess:
     """The agent (and so its VMMs) inside a network namespace: TAPs and tc live there."""
-
-    def __init__(self, netns: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.netns = netns
-
-    def start(self, timeout: float = 20.0) -> NetnsAgent:
-        env = {**os.environ, "STOKER_DATA_DIR": str(self.data_dir), **self.env}
-        env.pop("STOKER_SOCKET", None)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.netns,
-                    sys.executable,
-                    "-m",
-                    "stoker.cli.main",
-                    "agent",
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited early:\n{self.log.read_text()}")
-            with contextlib.suppress(StokerError), self.client() as api:
-                api.version()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"agent did not answer within {timeout} s:\n{self.log.read_text()}")
+    return AgentProcess(wrapper=["ip", "netns", "exec", netns])
 
 
 def test_network_limit_on_tap_in_netns(guest):
@@ -326,7 +291,7 @@ def test_network_limit_on_tap_in_netns(guest):
 
     ns = "stoker-q-" + uuid.uuid4().hex[:8]
     pr_netns.create(ns)
-    agent = NetnsAgent(ns)
+    agent = netns_agent(ns)
     try:
         tap.create_tap("vmtap0", ns)
         agent.start()
