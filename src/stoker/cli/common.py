@@ -18,6 +18,7 @@ out = Console()
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the raw JSON answer.")
 
@@ -60,6 +61,14 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def print_json(value: Any) -> None:
     sys.stdout.write(dumps(value) + "\n")
+
+
+def show_answer(value: T, as_json: bool, render: Callable[[T], None]) -> None:
+    """A command's answer: the API's JSON as is with --json, else ``render`` for people."""
+    if as_json:
+        print_json(value)
+    else:
+        render(value)
 
 
 def ago(text: str | None) -> str:

@@ -9,7 +9,17 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stoker.cli.common import JSON_OPTION, ago, client, err, handle_errors, out, print_json
+from stoker.cli.common import (
+    JSON_OPTION,
+    ago,
+    client,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    show_answer,
+)
+from stoker.domain.units import format_size
 
 app = typer.Typer(
     help="Snapshots: create, restore, verify, retention policies and pruning.",
@@ -40,23 +50,8 @@ def _run(what: str, quiet: bool, call: Callable[[], T]) -> T:
         return call()
 
 
-def _show(value: T, as_json: bool, render: Callable[[T], None]) -> None:
-    """Every command's answer: the API's JSON as is with --json, else ``render`` for people."""
-    if as_json:
-        print_json(value)
-    else:
-        render(value)
-
-
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    return "-" if n is None else format_size(n)
 
 
 def _verdict(ok: bool) -> str:
@@ -199,7 +194,7 @@ def create(
             as_json,
             lambda: api.create_snapshot(vm, kind=kind, tags=tag, protected=protect or None),
         )
-    _show(snap, as_json, _print_created)
+    show_answer(snap, as_json, _print_created)
 
 
 @app.command("list")
@@ -215,7 +210,7 @@ def list_(
     """
     with client(ctx) as api:
         snaps = api.list_snapshots(vm)
-    _show(snaps, as_json, lambda found: _print_list(found, with_vm=vm is None))
+    show_answer(snaps, as_json, lambda found: _print_list(found, with_vm=vm is None))
 
 
 @app.command("show")
@@ -231,7 +226,7 @@ def show(
     """
     with client(ctx) as api:
         snap = api.get_snapshot(snapshot_id)
-    _show(snap, as_json, _print_snapshot)
+    show_answer(snap, as_json, _print_snapshot)
 
 
 @app.command("restore")
@@ -257,7 +252,7 @@ def restore(
             as_json,
             lambda: api.restore_snapshot(snapshot_id),
         )
-    _show(result, as_json, lambda r: _print_restored(r["vm"], snapshot_id))
+    show_answer(result, as_json, lambda r: _print_restored(r["vm"], snapshot_id))
 
 
 @app.command("verify")
@@ -319,7 +314,7 @@ def prune(
     """
     with client(ctx) as api:
         result = _run(f"pruning {vm}", as_json, lambda: api.prune_snapshots(vm, dry_run=dry_run))
-    _show(result, as_json, _print_prune)
+    show_answer(result, as_json, _print_prune)
 
 
 @app.command("protect")
@@ -371,7 +366,7 @@ def set_policy(
     """
     with client(ctx) as api:
         policy = api.set_snapshot_policy(vm, retention or None, every)
-    _show(policy, as_json, _print_policy)
+    show_answer(policy, as_json, _print_policy)
 
 
 @app.command("policy")
@@ -387,7 +382,7 @@ def policy(
     """
     with client(ctx) as api:
         result = api.get_snapshot_policy(vm)
-    _show(result, as_json, _print_policy)
+    show_answer(result, as_json, _print_policy)
 
 
 @app.command("auto-snapshot")
@@ -403,4 +398,4 @@ def auto_snapshot(
     """
     with client(ctx) as api:
         result = _run(f"auto-snapshot of {vm}", as_json, lambda: api.auto_snapshot(vm))
-    _show(result, as_json, _print_auto)
+    show_answer(result, as_json, _print_auto)

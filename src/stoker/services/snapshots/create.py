@@ -23,6 +23,7 @@ from typing import Literal
 
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
+from stoker.domain.units import format_size
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, DriverError
 from stoker.host.disk import dir_size
@@ -32,7 +33,7 @@ from stoker.services.snapshots.checksums import FileInfo, GrowingFileHasher, has
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.errors import SnapshotFailed
 from stoker.services.snapshots.files import copy_file
-from stoker.services.snapshots.space import check_space, expected_bytes, human
+from stoker.services.snapshots.space import check_space, expected_bytes
 from stoker.store.snapshots import SnapshotRecord
 
 S = VMState
@@ -126,7 +127,7 @@ async def _create_locked(
     ctx.store.insert(record)
     ctx.events.publish(
         "snapshot.created",
-        f"{vm.name}: snapshot {sid} ({kind}, {human(record.size_bytes)}) created",
+        f"{vm.name}: snapshot {sid} ({kind}, {format_size(record.size_bytes)}) created",
         vm.id,
         snapshot=sid,
         kind=kind,

@@ -12,12 +12,12 @@ import os
 import shutil
 from pathlib import Path
 
+from stoker.domain.units import format_size
 from stoker.host.disk import dir_size
 from stoker.services.errors import Conflict
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.files import fsync_path
-from stoker.services.snapshots.space import human
 from stoker.store.snapshots import SnapshotRecord
 
 
@@ -34,7 +34,7 @@ async def delete_snapshot(ctx: SnapshotContext, snapshot_id: str, force: bool = 
         freed = await remove_snapshot(ctx, ctx.get(snapshot_id))
     ctx.events.publish(
         "snapshot.deleted",
-        f"{snap.vm_name}: snapshot {snap.id} deleted, {human(freed)} freed",
+        f"{snap.vm_name}: snapshot {snap.id} deleted, {format_size(freed)} freed",
         snap.vm_id,
         snapshot=snap.id,
         freed_bytes=freed,

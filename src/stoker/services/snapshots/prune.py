@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from stoker.domain import retention
+from stoker.domain.units import format_size
 from stoker.services.errors import Conflict
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.delete import remove_snapshot
 from stoker.services.snapshots.settings import zone_name
-from stoker.services.snapshots.space import human
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ async def prune_snapshots(ctx: SnapshotContext, vm_ref: str, dry_run: bool = Fal
                 freed += size
                 ctx.events.publish(
                     "snapshot.pruned",
-                    f"{vm.name}: snapshot {item.id} pruned ({why}), {human(size)} freed",
+                    f"{vm.name}: snapshot {item.id} pruned ({why}), {format_size(size)} freed",
                     vm.id,
                     snapshot=item.id,
                     created=item.created.isoformat(),

@@ -6,19 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from stoker.domain.spec import VMSpec
-from stoker.domain.units import MiB
+from stoker.domain.units import MiB, format_size
 from stoker.host.disk import free_bytes
 from stoker.services.snapshots.errors import InsufficientSpace
 from stoker.services.snapshots.files import allocated_bytes
-
-
-def human(n: float) -> str:
-    """A size for event messages: whole bytes, otherwise one decimal ("64.0 KiB")."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def expected_bytes(spec: VMSpec, with_memory: bool) -> int:
@@ -33,8 +24,8 @@ def check_space(where: Path, needed: int, margin_mib: int, what: str) -> None:
     free = free_bytes(where)
     if free < needed + margin:
         raise InsufficientSpace(
-            f"not enough free disk space for {what}: it needs about {human(needed)} plus "
-            f"a margin of {human(margin)}, but only {human(free)} is free on {where}; "
+            f"not enough free disk space for {what}: it needs about {format_size(needed)} plus "
+            f"a margin of {format_size(margin)}, but only {format_size(free)} is free on {where}; "
             "free space (for example `stoker snapshot prune`) or lower snapshots.margin_mib",
             needed_bytes=needed,
             margin_bytes=margin,
