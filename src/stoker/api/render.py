@@ -1,45 +1,29 @@
 """Pre-rendered JSON for VM listings.
 
 Listing 1,000 VMs by building and validating a response model per row cost hundreds of
-milliseconds. A VM's JSON only changes when its row does, so each VM's rendering is kept
-and reused while the row is unchanged; the list is then a join of byte strings.
+milliseconds. A VM's JSON only changes when its row does, and the store hands out the same
+``VM`` object while the row is unchanged, so each VM's rendering is kept for that object;
+the list is then a join of byte strings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from stoker.api.schemas import VMOut
 from stoker.domain.vm import VM
-from stoker.store.db import dumps
-
-
-def _version(vm: VM) -> tuple[Any, ...]:
-    """Everything a listed VM's JSON depends on; the spec object is shared while unchanged."""
-    return (
-        vm.spec,  # the same object while the row is unchanged: compared by identity first
-        vm.state,
-        vm.state_reason,
-        vm.state_since,
-        dumps(vm.process) if vm.process else None,
-        vm.restart_count,
-        vm.last_restart_at,
-        vm.next_retry_at,
-    )
 
 
 class RenderedVMs:
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+        self._cache: dict[str, tuple[VM, bytes]] = {}
 
     def one(self, vm: VM) -> bytes:
-        version = _version(vm)
         hit = self._cache.get(vm.id)
-        if hit is not None and hit[0] == version:
+        if hit is not None and (hit[0] is vm or hit[0] == vm):
             return hit[1]
         body = VMOut.of(vm).model_dump_json().encode()
-        self._cache[vm.id] = (version, body)
+        self._cache[vm.id] = (vm, body)
         return body
 
     def render(self, vms: Iterable[VM]) -> bytes:
