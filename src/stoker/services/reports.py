@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stoker.domain import report as R
-from stoker.domain.vm import VM
+from stoker.domain.vm import VM, Transition
 from stoker.host.disk import atomic_write_text
 from stoker.services.errors import InvalidSpec, NotFound
 from stoker.store.db import Database, to_iso
 from stoker.store.events import Event, EventStore
-from stoker.store.schedules import ScheduleStore, TransitionRow, transitions_before
+from stoker.store.schedules import ScheduleStore
 from stoker.store.vms import VMStore
 
 LABEL_RE = re.compile(r"^(daily-\d{4}-\d{2}-\d{2}|weekly-\d{4}-W\d{2}|monthly-\d{4}-\d{2})$")
@@ -170,7 +170,7 @@ class ReportGenerator:
     def build(self, span: R.ReportPeriod) -> dict[str, Any]:
         now = self.clock()
         end = min(span.end, now)
-        transitions = transitions_before(self.db, end)
+        transitions = self.vms.transitions_before(end)
         events = self._events(span.start, end)
         runs = self.schedules.runs_between(span.start, end)
         vm_docs = [
@@ -210,7 +210,7 @@ class ReportGenerator:
         vm: VM,
         start: datetime,
         end: datetime,
-        transitions: list[TransitionRow],
+        transitions: list[Transition],
         events: list[Event],
         runs: Sequence[Any],
     ) -> dict[str, Any] | None:
@@ -333,7 +333,7 @@ def _until(end: datetime) -> float:
     return end.timestamp() - 1e-6
 
 
-def _restarts(transitions: list[TransitionRow], start: datetime, end: datetime) -> int:
+def _restarts(transitions: list[Transition], start: datetime, end: datetime) -> int:
     """Restarts of a running VM (into ``restarting``) plus recoveries from an error: a
     start that follows the error clean-up (error -> stopped -> starting)."""
     count = 0

@@ -285,33 +285,6 @@ class ScheduleStore:
         return [_run(r) for r in rows]
 
 
-@dataclass(frozen=True)
-class TransitionRow:
-    vm_id: str
-    from_state: str | None
-    to_state: str
-    reason: str
-    at: datetime
-
-
-def transitions_before(db: Database, end: datetime) -> dict[str, list[TransitionRow]]:
-    """Every VM's state transitions before ``end``, oldest first, keyed by VM id: reports
-    need the state each VM was in when the period began, not only the changes inside it."""
-    rows = db.query("SELECT * FROM transitions WHERE at < ? ORDER BY id", (_db.to_iso(end),))
-    out: dict[str, list[TransitionRow]] = {}
-    for r in rows:
-        out.setdefault(r["vm_id"], []).append(
-            TransitionRow(
-                vm_id=r["vm_id"],
-                from_state=r["from_state"],
-                to_state=r["to_state"],
-                reason=r["reason"],
-                at=_db.from_iso(r["at"]),  # type: ignore[arg-type]
-            )
-        )
-    return out
-
-
 def _insert_finished(
     conn: sqlite3.Connection,
     schedule_id: str,

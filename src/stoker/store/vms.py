@@ -108,15 +108,16 @@ class VMStore:
         rows = self.db.query(
             "SELECT * FROM transitions WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit)
         )
-        return tuple(
-            Transition(
-                from_state=VMState(r["from_state"]) if r["from_state"] else None,
-                to_state=VMState(r["to_state"]),
-                reason=r["reason"],
-                at=from_iso(r["at"]),  # type: ignore[arg-type]
-            )
-            for r in rows
-        )
+        return tuple(_transition(r) for r in rows)
+
+    def transitions_before(self, end: datetime) -> dict[str, list[Transition]]:
+        """Every VM's transitions before ``end``, oldest first, keyed by VM id: reports need
+        the state each VM was in when a period began, not only the changes inside it."""
+        rows = self.db.query("SELECT * FROM transitions WHERE at < ? ORDER BY id", (to_iso(end),))
+        out: dict[str, list[Transition]] = {}
+        for r in rows:
+            out.setdefault(r["vm_id"], []).append(_transition(r))
+        return out
 
     def compare_and_set_state(
         self, vm_id: str, expected: VMState, new: VMState, reason: str, at: datetime
@@ -175,3 +176,12 @@ class VMStore:
     def count(self) -> int:
         row = self.db.query_one("SELECT COUNT(*) FROM vms")
         return int(row[0]) if row else 0
+
+
+def _transition(row: sqlite3.Row) -> Transition:
+    return Transition(
+        from_state=VMState(row["from_state"]) if row["from_state"] else None,
+        to_state=VMState(row["to_state"]),
+        reason=row["reason"],
+        at=from_iso(row["at"]),  # type: ignore[arg-type]
+    )
