@@ -16,12 +16,22 @@ log = logging.getLogger("stoker.loops")
 
 
 class PeriodicTask:
-    """Runs ``tick`` now and then again ``interval_s`` seconds after each round ends."""
+    """Runs ``tick`` now and then again ``interval_s`` seconds after each round ends, or,
+    with ``fixed_rate``, every ``interval_s`` from the first round (a sampler wants evenly
+    spaced samples); a round that overruns is not caught up in a burst."""
 
-    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        tick: Callable[[], Awaitable[None]],
+        interval_s: float,
+        *,
+        fixed_rate: bool = False,
+    ) -> None:
         self.name = name
         self.tick = tick
         self.interval_s = interval_s
+        self.fixed_rate = fixed_rate
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -35,9 +45,15 @@ class PeriodicTask:
             self._task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while True:
             try:
                 await self.tick()
             except Exception:  # one failing round must not end the loop
                 log.exception("%s: round failed; next in %gs", self.name, self.interval_s)
-            await asyncio.sleep(self.interval_s)
+            if self.fixed_rate:
+                next_at = max(next_at + self.interval_s, loop.time())
+            else:
+                next_at = loop.time() + self.interval_s
+            await asyncio.sleep(next_at - loop.time())

@@ -28,6 +28,7 @@ from stoker.domain.vm import VM
 from stoker.services.errors import ServiceError
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.loops import PeriodicTask
 from stoker.store.events import Event
 
 log = logging.getLogger("stoker.recovery")
@@ -65,7 +66,7 @@ class Recovery:
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._restarting: set[str] = set()  # automatic restarts under way
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog = PeriodicTask("watchdogs", self.check_watchdogs, config.watchdog_interval_s)
         self._acted: dict[str, datetime] = {}  # vm -> state_since the watchdog acted on
 
     # -------------------------------------------------------------------- policy: events
@@ -270,14 +271,6 @@ class Recovery:
             return cfg.restarting_timeout_s
         return None
 
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self.check_watchdogs()
-            except Exception:
-                log.exception("watchdog pass failed")
-            await asyncio.sleep(self.config.watchdog_interval_s)
-
     # --------------------------------------------------------------------- background
 
     async def start(self) -> None:
@@ -291,12 +284,11 @@ class Recovery:
                     attempt=vm.restart_count + 1,
                 )
                 self._arm(vm.id, vm.next_retry_at, vm.restart_count + 1, "a failure")
-        self._watchdog = asyncio.ensure_future(self._watch())
+        await self._watchdog.start()
 
     async def stop(self) -> None:
+        await self._watchdog.stop()
         tasks = [*self._timers.values(), *self._tasks]
-        if self._watchdog is not None:
-            tasks.append(self._watchdog)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,7 +8,6 @@ trend over the prediction window and re-evaluates the threshold alerts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.loops import PeriodicTask
 from stoker.services.resources import prediction
 from stoker.services.resources.alerting import AlertView, UsageAlerts
 from stoker.services.resources.gate import CapacityGate
@@ -77,7 +77,9 @@ class ResourceService:
         self.last_sweep_cpu_s: float | None = None
         self.last_sweep_wall_s: float | None = None
         self._tracked: dict[str, _Tracked] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._sampler = PeriodicTask(
+            "resource sampling", self.sweep, cfg.interval_s, fixed_rate=True
+        )
         self._last_compact = 0.0
         self.bucket_s = max(BUCKET_S, 5 * cfg.interval_s)
 
@@ -196,23 +198,7 @@ class ResourceService:
     # ------------------------------------------------------------------------ background
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        await self._sampler.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # one bad sweep must not end sampling
-                log.exception("resource sampling sweep failed")
-            next_at += self.cfg.interval_s
-            next_at = max(next_at, loop.time())  # after a long sweep, do not catch up in bursts
-            await asyncio.sleep(next_at - loop.time())
+        await self._sampler.stop()
