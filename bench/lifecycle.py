@@ -11,47 +11,30 @@ alternating so that both see the same machine load. Forced stop is POST /stop
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import time
 
+from bench.rawqemu import RawQemu
 from bench.report import median, percentile, record
 from stoker.domain.spec import VMSpec
-from stoker.drivers.base import VMPaths
-from stoker.drivers.qemu import qemu_argv
-from stoker.guest.build import host_tsc_khz
-from tests.helpers import AgentProcess, free_port, guest_spec, short_tmpdir
+from tests.helpers import AgentProcess, free_port, guest_spec
 
 POLL_S = 0.005
 
 
 def raw_round(spec: VMSpec, marker: str) -> tuple[float, float]:
     """Plain QEMU: exec -> marker on the console; SIGKILL -> reaped."""
-    root = short_tmpdir("raw-")
-    paths = VMPaths(root)
-    argv = qemu_argv(spec, paths, accel="tcg", tsc_khz=host_tsc_khz())
-    needle = marker.encode()
-    with open(paths.vmm_log, "ab") as log:
+    raw = RawQemu(spec)
+    try:
         began = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-        while True:
-            try:
-                if needle in paths.console.read_bytes():
-                    break
-            except FileNotFoundError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"raw QEMU exited: {paths.vmm_log.read_text()}")
+        raw.launch()
+        while not raw.console_has(marker):
             time.sleep(POLL_S)
         ready = time.perf_counter() - began
-    began = time.perf_counter()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stop = time.perf_counter() - began
-    subprocess.run(["rm", "-rf", str(root)], check=False)
+        began = time.perf_counter()
+        raw.kill()
+        stop = time.perf_counter() - began
+    finally:
+        raw.cleanup()
     return ready, stop
 
 

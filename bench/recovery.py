@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import time
 from datetime import UTC, datetime
 
+from bench.rawqemu import RawQemu
 from bench.report import median, percentile, record
 from stoker.domain.spec import VMSpec
-from stoker.drivers.base import VMPaths
-from stoker.drivers.qemu import qemu_argv
-from stoker.guest.build import host_tsc_khz
-from tests.helpers import AgentProcess, free_port, guest_spec, http_get, short_tmpdir
+from tests.helpers import AgentProcess, free_port, guest_spec, http_get
 
 POLL_S = 0.005
 BACKOFF_S = 0.05
@@ -39,27 +36,18 @@ def answering(port: int) -> bool:
 
 def raw_boot(spec: VMSpec, port: int) -> float:
     """Plain QEMU with stoker's argv: exec -> guest HTTP answering."""
-    root = short_tmpdir("raw-")
-    paths = VMPaths(root)
-    argv = qemu_argv(spec, paths, accel="tcg", tsc_khz=host_tsc_khz())
-    with open(paths.vmm_log, "ab") as log:
+    raw = RawQemu(spec)
+    try:
         began = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-        try:
-            while not answering(port):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"raw QEMU exited: {paths.vmm_log.read_text()}")
-                if time.perf_counter() - began > 120:
-                    raise RuntimeError("raw QEMU guest did not answer within 120 s")
-                time.sleep(POLL_S)
-            took = time.perf_counter() - began
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    subprocess.run(["rm", "-rf", str(root)], check=False)
-    return took
+        raw.launch()
+        while not answering(port):
+            raw.check_alive()
+            if time.perf_counter() - began > 120:
+                raise RuntimeError("raw QEMU guest did not answer within 120 s")
+            time.sleep(POLL_S)
+        return time.perf_counter() - began
+    finally:
+        raw.cleanup()
 
 
 def kill_round(agent: AgentProcess, name: str, port: int) -> tuple[float, float]:

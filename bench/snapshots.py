@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,13 +29,11 @@ from zoneinfo import ZoneInfo
 
 from qemu.qmp import QMPClient
 
+from bench.rawqemu import RawQemu
 from bench.report import median, record
 from stoker.domain import retention
 from stoker.domain.spec import VMSpec
-from stoker.drivers.base import VMPaths
-from stoker.drivers.qemu import qemu_argv
-from stoker.guest.build import host_tsc_khz
-from tests.helpers import AgentProcess, free_port, guest_spec, http_get, short_tmpdir, wait_for
+from tests.helpers import AgentProcess, free_port, guest_spec, http_get, wait_for
 
 POLL_S = 0.005
 
@@ -56,25 +51,14 @@ async def _qmp(sock: Path) -> QMPClient:
             await asyncio.sleep(POLL_S)
 
 
-def _launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True
-        )
-
-
 async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]:
-    root = short_tmpdir("rawsnap-")
-    paths = VMPaths(root)
-    state = root / "state.bin"
-    argv = qemu_argv(spec, paths, accel="tcg", tsc_khz=host_tsc_khz())
-    proc = _launch(argv, paths.vmm_log)
+    raw = RawQemu(spec, "rawsnap-")
+    state = raw.paths.root / "state.bin"
     try:
-        wait_for(
-            lambda: paths.console.exists() and marker.encode() in paths.console.read_bytes(), 60
-        )
+        raw.launch()
+        wait_for(lambda: raw.console_has(marker), 60)
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 30)
-        qmp = await _qmp(paths.control_socket)
+        qmp = await _qmp(raw.paths.control_socket)
         began = time.perf_counter()
         await qmp.execute("stop")
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
@@ -86,11 +70,9 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
         await qmp.disconnect()
 
         began = time.perf_counter()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        paths.control_socket.unlink(missing_ok=True)
-        proc = _launch([*argv, "-incoming", f"exec:cat '{state}'"], paths.vmm_log)
-        qmp = await _qmp(paths.control_socket)
+        raw.kill()
+        raw.launch(["-incoming", f"exec:cat '{state}'"])
+        qmp = await _qmp(raw.paths.control_socket)
         while (await qmp.execute("query-status"))["status"] != "paused":
             await asyncio.sleep(POLL_S)
         await qmp.execute("cont")
@@ -101,9 +83,7 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 30)
         return save, restore
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+        raw.cleanup()
 
 
 def stoker_round(agent: AgentProcess, name: str, port: int) -> tuple[float, float, float]:
@@ -145,8 +125,9 @@ def plan_timing(count: int = 100_000, repeats: int = 5) -> tuple[float, int, int
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
 
     plan_s, kept, _removed = plan_timing()
@@ -196,7 +177,8 @@ async def main() -> None:
         "+ cont; stoker's also records the stop and start transitions and events.",
     ]
     print("\n".join(lines))
-    record("snapshots", ".venv/bin/python -m bench.snapshots", "\n".join(lines))
+    if not args.no_record:
+        record("snapshots", ".venv/bin/python -m bench.snapshots", "\n".join(lines))
 
 
 if __name__ == "__main__":
