@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from stoker.domain.spec import VMSpec
 from stoker.drivers.base import VMPaths
 from stoker.drivers.qemu import qemu_argv
-from stoker.guest.build import host_tsc_khz
+from stoker.host.tsc import host_tsc_khz
 from tests.helpers import short_tmpdir
 
 

@@ -17,6 +17,13 @@ have_cmd ip || need+=(iproute2)
 have_cmd curl || need+=(curl)
 have_cmd promtool || need+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+have_cmd nft || need+=(nftables)
+have_cmd dnsmasq || need+=(dnsmasq-base)
+have_cmd etcd || need+=(etcd-server)
+have_cmd etcdctl || need+=(etcd-client)
+have_cmd chromium || need+=(chromium)
+have_cmd chromedriver || need+=(chromium-driver)
+have_cmd setpriv || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "system packages: all present"

@@ -17,11 +17,10 @@ from stoker.guest.build import (
     modinfo_depends,
     module_load_order,
     module_name,
-    parse_cpuinfo_tsc_khz,
-    parse_kernel_log_tsc_khz,
     parse_modules_dep,
     recipe_hash,
 )
+from stoker.host.tsc import parse_cpuinfo_tsc_khz, parse_kernel_log_tsc_khz
 
 _VIRTIO = "kernel/drivers/virtio"
 _DEPS = {

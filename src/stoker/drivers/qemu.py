@@ -32,9 +32,9 @@ from stoker.drivers.base import (
     VMMStatus,
     VMPaths,
 )
-from stoker.guest.build import host_tsc_khz
 from stoker.host import kvm
 from stoker.host.proc import is_same_live_process, read_start_time, spawn_detached
+from stoker.host.tsc import host_tsc_khz
 
 log = logging.getLogger("stoker.qemu")
 

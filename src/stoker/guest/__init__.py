@@ -12,7 +12,6 @@ from stoker.guest.build import (
     build_guest,
     default_cache_dir,
     find_guest,
-    host_tsc_khz,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "build_guest",
     "default_cache_dir",
     "find_guest",
-    "host_tsc_khz",
 ]

@@ -16,7 +16,7 @@ Launching it (QEMU 7.2, microvm, TCG; measured on Debian bookworm)::
 
     qemu-system-x86_64 -M microvm -nodefaults -no-user-config -no-reboot \\
         -accel tcg -cpu qemu64 -m 128 -smp 1 \\
-        -kernel K -initrd I -append "<cmdline> tsc_early_khz=<host_tsc_khz()>" \\
+        -kernel K -initrd I -append "<cmdline> tsc_early_khz=<stoker.host.tsc.host_tsc_khz()>" \\
         -chardev file,id=con0,path=console.log -serial chardev:con0 \\
         -netdev user,id=n0,hostfwd=tcp:127.0.0.1:PORT-:80 \\
         -device virtio-net-device,netdev=n0 \\
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import gzip
 import hashlib
 import json
@@ -73,10 +72,7 @@ __all__ = [
     "build_guest",
     "default_cache_dir",
     "find_guest",
-    "host_tsc_khz",
     "module_load_order",
-    "parse_cpuinfo_tsc_khz",
-    "parse_kernel_log_tsc_khz",
     "parse_modules_dep",
 ]
 
@@ -422,29 +418,6 @@ def module_load_order(
     return order
 
 
-def parse_cpuinfo_tsc_khz(text: str) -> int | None:
-    """TSC kHz from ``/proc/cpuinfo``: the first ``cpu MHz`` line x 1000."""
-    match = re.search(r"^cpu MHz\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*$", text, re.MULTILINE)
-    if match is None:
-        return None
-    khz = round(float(match.group(1)) * 1000)
-    return khz if khz > 0 else None
-
-
-def parse_kernel_log_tsc_khz(text: str) -> int | None:
-    """TSC kHz from the kernel log; a refined calibration beats the first guess."""
-    for pattern in (
-        r"tsc: Refined TSC clocksource calibration: ([0-9]+(?:\.[0-9]+)?) MHz",
-        r"tsc: Detected ([0-9]+(?:\.[0-9]+)?) MHz",
-    ):
-        matches = re.findall(pattern, text)
-        if matches:
-            khz = round(float(matches[-1]) * 1000)
-            if khz > 0:
-                return khz
-    return None
-
-
 def modinfo_depends(data: bytes) -> list[str]:
     """The ``depends=`` field of a module's ``.modinfo`` section (raw .ko bytes)."""
     match = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", data)
@@ -543,31 +516,6 @@ def build_guest(
     if found is None:
         raise GuestBuildError(f"guest build finished but {directory} is incomplete")
     return found
-
-
-@functools.cache
-def host_tsc_khz() -> int | None:
-    """The host TSC frequency in kHz, for the guest's ``tsc_early_khz=``.
-
-    Under TCG the guest reads the host's TSC, and microvm has no other clock
-    to calibrate against, so without this about 3% of boots hang. The kernel
-    log is preferred when readable (on bare metal ``cpu MHz`` can be the
-    current, scaled frequency); ``/proc/cpuinfo`` is the usual source.
-    """
-    if shutil.which("dmesg"):
-        try:
-            out = subprocess.run(
-                ["dmesg"], capture_output=True, text=True, timeout=5, check=False
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        khz = parse_kernel_log_tsc_khz(out)
-        if khz is not None:
-            return khz
-    try:
-        return parse_cpuinfo_tsc_khz(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------
