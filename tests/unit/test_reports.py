@@ -9,16 +9,18 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from stoker.domain import report as R
+from stoker.domain.schedules import ScheduleRecord
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.trend import Confidence, Prediction
+from stoker.domain.usage import NodeSample, VMSample
 from stoker.domain.vm import VM
 from stoker.services.errors import InvalidSpec, NotFound
 from stoker.services.reports import ReportGenerator
 from stoker.store.db import Database
 from stoker.store.events import EventStore
-from stoker.store.resources import NodeSample, ResourceStore, VMSample
-from stoker.store.schedules import ScheduleRow, ScheduleStore
+from stoker.store.resources import ResourceStore
+from stoker.store.schedules import ScheduleStore
 from stoker.store.vms import VMStore
 
 UTC_TZ = ZoneInfo("UTC")
@@ -160,7 +162,7 @@ def day(tmp_path):
         events.append(at(hour), "id-web", kind, f"web: {kind}", data)
     schedules = ScheduleStore(db)
     schedules.insert(
-        ScheduleRow(
+        ScheduleRecord(
             "s1",
             None,
             "start",

@@ -17,11 +17,12 @@ from stoker.domain.capacity import Allocation, NodeCapacity, Request
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.units import MiB
+from stoker.domain.usage import NodeSample, VMSample
 from stoker.domain.vm import VM
 from stoker.services.errors import Conflict
 from stoker.services.resources import CapacityGate, ResourcesConfig, ResourceService
 from stoker.store.db import Database
-from stoker.store.resources import NodeSample, ResourceStore, VMSample
+from stoker.store.resources import ResourceStore
 from stoker.store.vms import VMStore
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
+from stoker.domain.events import Event
 from stoker.domain.units import parse_duration
 from stoker.services.container import Services
 from stoker.services.errors import InvalidSpec, NotFound
-from stoker.store.events import Event
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"], responses=PROBLEM_RESPONSES)
 

@@ -13,11 +13,11 @@ from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
 from stoker.domain.states import VMState
 from stoker.domain.units import parse_duration
+from stoker.domain.usage import NodeSample, VMSample
 from stoker.services.container import Services
 from stoker.services.errors import InvalidSpec, ServiceError
 from stoker.services.resources import ResourceService
 from stoker.services.sampling import Reading
-from stoker.store.resources import NodeSample, VMSample
 
 # ------------------------------------------------------------------------------ shapes
 

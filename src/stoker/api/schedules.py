@@ -11,11 +11,11 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
+from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.container import Services
 from stoker.services.errors import Conflict
 from stoker.services.reports import ReportGenerator
 from stoker.services.scheduler import Scheduler, ScheduleSpec, ScheduleUpdate, zone
-from stoker.store.schedules import RunRow, ScheduleRow
 
 router = APIRouter(responses=PROBLEM_RESPONSES)
 
@@ -38,21 +38,21 @@ def _reports(svc: Services) -> ReportGenerator:
 
 # The stored rows as the API shows them: the columns are declared once, in the store.
 @pydantic_dataclass(frozen=True)
-class RunOut(RunRow):
+class RunOut(RunRecord):
     @classmethod
-    def of(cls, run: RunRow) -> RunOut:
+    def of(cls, run: RunRecord) -> RunOut:
         return cls(**run.__dict__)
 
 
 @pydantic_dataclass(frozen=True)
-class ScheduleOut(ScheduleRow):
+class ScheduleOut(ScheduleRecord):
     next_fire_at: datetime | None
     next_fire_local: str | None
     running_run_id: int | None
     last_run: RunOut | None
 
     @classmethod
-    def of(cls, row: ScheduleRow, scheduler: Scheduler) -> ScheduleOut:
+    def of(cls, row: ScheduleRecord, scheduler: Scheduler) -> ScheduleOut:
         nxt = scheduler.next_fire(row)
         running = scheduler.store.running(row.id)
         last = scheduler.store.runs(row.id, limit=1)

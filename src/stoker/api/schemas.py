@@ -47,7 +47,7 @@ class VMOut(BaseModel):
     def of(cls, vm: VM) -> VMOut:
         process = None
         if vm.process:
-            process = ProcessOut(pid=vm.process["pid"], accel=vm.process.get("accel", ""))
+            process = ProcessOut(pid=vm.process.pid, accel=vm.process.accel)
         return cls(
             id=vm.id,
             name=vm.name,

@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
 from stoker.api.schemas import VMOut
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.container import Services
 from stoker.services.errors import Conflict
 from stoker.services.snapshots import Policy, PruneItem, PruneResult, SnapshotService
-from stoker.store.snapshots import SnapshotRecord
 
 router = APIRouter(tags=["snapshots"], responses=PROBLEM_RESPONSES)
 

@@ -8,14 +8,15 @@ from typing import Any
 import typer
 
 from stoker.cli.common import client, handle_errors, out
+from stoker.domain.events import EventType
 
 LEVEL_STYLE = {
-    "vm.health": "magenta",
-    "vm.restart_limit_reached": "red",
-    "vm.watchdog": "red",
-    "vm.restart_failed": "red",
-    "vm.auto_restart": "yellow",
-    "vm.restart_scheduled": "yellow",
+    EventType.VM_HEALTH: "magenta",
+    EventType.VM_RESTART_LIMIT_REACHED: "red",
+    EventType.VM_WATCHDOG: "red",
+    EventType.VM_RESTART_FAILED: "red",
+    EventType.VM_AUTO_RESTART: "yellow",
+    EventType.VM_RESTART_SCHEDULED: "yellow",
 }
 
 

@@ -10,6 +10,7 @@ so that a limit that cannot bind is refused (or reported as not enforced) instea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -281,3 +282,34 @@ def violations(
                 Violation(kind, f"disk at its limit: {rate:.0f} {unit} of {limit} {unit}", rate)
             )
     return out
+
+
+@dataclass(frozen=True)
+class ViolationCount:
+    """``episodes``: separate times the limit was hit (a new one after a quiet interval);
+    ``samples``: monitoring intervals spent at the limit; ``total``: the summed amounts
+    (throttled periods, failcnt hits, OOM kills, ...)."""
+
+    vm_id: str
+    kind: str
+    episodes: int
+    samples: int
+    total: float
+    first_at: datetime
+    last_at: datetime
+    last_detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "episodes": self.episodes,
+            "samples": self.samples,
+            "total": self.total,
+            "first_at": _iso(self.first_at),
+            "last_at": _iso(self.last_at),
+            "last_detail": self.last_detail,
+        }
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
+from stoker.domain.process import ProcessRecord
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 
@@ -27,7 +27,7 @@ class VM:
     state_reason: str
     state_since: datetime
     created_at: datetime
-    process: dict[str, Any] | None = None
+    process: ProcessRecord | None = None
     restart_count: int = 0
     last_restart_at: datetime | None = None
     next_retry_at: datetime | None = None

@@ -8,10 +8,11 @@ new process, our child) or ``adopt`` (a process that outlived an earlier agent).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from stoker.domain.process import ProcessRecord
 from stoker.domain.spec import VMSpec
 
 
@@ -56,18 +57,6 @@ class VMPaths:
     @property
     def snapshots(self) -> Path:
         return self.root / "snapshots"
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """What must be persisted, before anything can fail, to find a VMM again later."""
-
-    pid: int
-    start_time: int  # clock ticks since boot, field 22 of /proc/<pid>/stat
-    control_socket: str
-    accel: str = ""
-    argv: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

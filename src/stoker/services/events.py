@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from stoker.store.events import Event, EventStore
+from stoker.domain.events import Event, EventType
+from stoker.store.events import EventStore
 
 log = logging.getLogger("stoker.events")
 
@@ -27,7 +28,9 @@ class EventBus:
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def publish(self, type: str, message: str, vm_id: str | None = None, **data: Any) -> Event:
+    def publish(
+        self, type: EventType, message: str, vm_id: str | None = None, **data: Any
+    ) -> Event:
         event = self.store.append(self.clock(), vm_id, type, message, data)
         log.info(message, extra={"event": type, "vm_id": vm_id, "details": data or None})
         for queue in list(self._queues):

@@ -38,6 +38,7 @@ from pydantic import ConfigDict, Field
 from stoker.api.schemas import HealthOut
 from stoker.config import AgentConfig, ConfigError, section
 from stoker.domain import health as verdicts
+from stoker.domain.events import Event, EventType
 from stoker.domain.health import Health, ProbeState, Result
 from stoker.domain.spec import Probe, ProbeKind
 from stoker.domain.states import VMState
@@ -50,7 +51,6 @@ from stoker.services.hooks import HooksConfig, HookService
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.recovery import Recovery, WatchdogConfig
 from stoker.store.db import Database, to_iso
-from stoker.store.events import Event
 from stoker.store.health import HealthStore
 
 log = logging.getLogger("stoker.health")
@@ -173,7 +173,7 @@ class HealthService:
         if previous is None and health == Health.UNKNOWN:
             return  # nothing was known before either: not worth an event
         self.events.publish(
-            "vm.health",
+            EventType.VM_HEALTH,
             f"{vm.name}: {was.value} -> {health.value}: {reason}",
             vm.id,
             name=vm.name,
@@ -191,11 +191,11 @@ class HealthService:
         """Stop probing the moment a VM leaves running; forget a deleted VM."""
         if event.vm_id is None:
             return
-        if event.type == "vm.deleted":
+        if event.type == EventType.VM_DELETED:
             self._stop_probes(event.vm_id)
             self._probes.pop(event.vm_id, None)
             self.store.delete(event.vm_id)
-        elif event.type == "vm.state" and event.data.get("to_state") != VMState.RUNNING:
+        elif event.type == EventType.VM_STATE and event.data.get("to_state") != VMState.RUNNING:
             self._stop_probes(event.vm_id)
             vm = self.lifecycle.vms.get(event.vm_id)
             if vm is not None:

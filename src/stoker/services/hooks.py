@@ -49,11 +49,11 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stoker.domain.events import Event, EventType
 from stoker.domain.vm import VM
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle, StartVeto
 from stoker.services.probes import OUTPUT_TAIL, run_argv, vm_address, vm_environment
-from stoker.store.events import Event
 
 log = logging.getLogger("stoker.hooks")
 
@@ -175,15 +175,15 @@ class HookService:
         """Map a published event to hook events (never hook.* events: no loops)."""
         if event.vm_id is None:
             return
-        if event.type == "vm.state":
+        if event.type == EventType.VM_STATE:
             to = event.data.get("to_state")
             names = ["on_state_change"]
             names += {"running": ["on_start"], "stopped": ["on_stop"], "error": ["on_error"]}.get(
                 str(to), []
             )
-        elif event.type == "vm.health":
+        elif event.type == EventType.VM_HEALTH:
             names = ["on_health_change"]
-        elif event.type == "vm.auto_restart":
+        elif event.type == EventType.VM_AUTO_RESTART:
             names = ["on_restart"]
         else:
             return
@@ -380,7 +380,7 @@ class HookService:
     ) -> None:
         verdict = "ok" if ok else "failed"
         self.events.publish(
-            "hook.result",
+            EventType.HOOK_RESULT,
             f"{vm.name}: {hook_event} hook {label} {verdict}: {detail}",
             vm.id,
             hook=label,

@@ -14,11 +14,12 @@ import logging
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from stoker.domain.events import EventType
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import (
     ACTIVE_STATES,
@@ -128,7 +129,7 @@ class Lifecycle:
         if not self.vms.compare_and_set_state(vm_id, vm.state, to, reason, at):
             raise Conflict(f"{vm.name} changed state while {to.value} was being recorded; retry")
         self.events.publish(
-            "vm.state",
+            EventType.VM_STATE,
             f"{vm.name}: {vm.state.value} -> {to.value}: {reason}",
             vm_id,
             name=vm.name,
@@ -210,7 +211,7 @@ class Lifecycle:
             self.vms.insert(vm)
         except NameTaken:
             raise Conflict(f"a VM named {spec.name!r} already exists") from None
-        self.events.publish("vm.created", f"{vm.name}: created", vm.id, name=vm.name)
+        self.events.publish(EventType.VM_CREATED, f"{vm.name}: created", vm.id, name=vm.name)
         return self.get(vm.id)
 
     # ------------------------------------------------------------------------------- start
@@ -243,7 +244,9 @@ class Lifecycle:
                 if asyncio.iscoroutine(result):
                     await result
             except StartVeto as exc:
-                self.events.publish("vm.start_vetoed", f"{vm.name}: start vetoed: {exc}", vm.id)
+                self.events.publish(
+                    EventType.VM_START_VETOED, f"{vm.name}: start vetoed: {exc}", vm.id
+                )
                 raise Conflict(f"start of {vm.name} vetoed by a pre-start hook: {exc}") from exc
         self.gate.reserve(vm)
         try:
@@ -267,7 +270,7 @@ class Lifecycle:
             await self.set_state(vm.id, S.ERROR, f"{what}: {exc}")
             self.gate.release(vm.id)
             return
-        self.vms.set_process(vm.id, asdict(vmm.record))
+        self.vms.set_process(vm.id, vmm.record)
         self._own(vm, vmm, boot_state, restored=restore_from is not None)
 
     def _own(self, vm: VM, vmm: VMM, boot_state: VMState | None, restored: bool = False) -> None:
@@ -333,7 +336,7 @@ class Lifecycle:
             except Exception as exc:
                 log.exception("on_vmm_up listener failed")
                 self.events.publish(
-                    "vm.setup_failed", f"{vm.name}: setup after start failed: {exc}", vm_id
+                    EventType.VM_SETUP_FAILED, f"{vm.name}: setup after start failed: {exc}", vm_id
                 )
 
     async def _boot_failed(self, vm_id: str, vmm: VMM, watch: ExitWatch, reason: str) -> None:
@@ -402,8 +405,8 @@ class Lifecycle:
     def _kill_recorded_process(self, vm: VM) -> None:
         record = self.vms.get(vm.id)
         process = record.process if record else None
-        if process and is_same_live_process(process["pid"], process["start_time"]):
-            kill(process["pid"])
+        if process and is_same_live_process(process.pid, process.start_time):
+            kill(process.pid)
         self.vms.set_process(vm.id, None)
 
     async def _end_vmm(self, vm: VM, graceful: bool, timeout_s: float | None) -> str:
@@ -489,7 +492,7 @@ class Lifecycle:
             root = self.paths(vm.id).root
             await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
             self.vms.delete(vm.id)
-            self.events.publish("vm.deleted", f"{vm.name}: deleted", vm.id, name=vm.name)
+            self.events.publish(EventType.VM_DELETED, f"{vm.name}: deleted", vm.id, name=vm.name)
         self._locks.pop(vm.id, None)
 
     # ------------------------------------------------------------------------------ health
@@ -533,7 +536,7 @@ class Lifecycle:
 
     async def _recover_one(self, vm: VM) -> None:
         paths = self.paths(vm.id)
-        record = _record(vm.process)
+        record = vm.process
         if record is None:
             record = self._find_orphan(vm, paths)
         alive = record is not None and is_same_live_process(record.pid, record.start_time)
@@ -555,7 +558,9 @@ class Lifecycle:
             target = S.STOPPED if vm.state == S.STOPPING else S.ERROR
             await self.set_state(vm.id, target, f"could not re-adopt the VMM ({exc}); killed it")
             return
-        self.events.publish("vm.adopted", f"{vm.name}: re-adopted VMM pid {record.pid}", vm.id)
+        self.events.publish(
+            EventType.VM_ADOPTED, f"{vm.name}: re-adopted VMM pid {record.pid}", vm.id
+        )
         if vm.state == S.RUNNING:
             self._own(vm, vmm, boot_state=None)
             await self._notify_up(vm.id, vmm)
@@ -600,16 +605,3 @@ async def _wait_running(vmm: VMM, timeout_s: float) -> None:
 
 def _stop_reason(graceful: bool) -> str:
     return "graceful stop requested" if graceful else "forced stop requested"
-
-
-def _record(process: dict[str, Any] | None) -> ProcessRecord | None:
-    if not process:
-        return None
-    return ProcessRecord(
-        pid=int(process["pid"]),
-        start_time=int(process["start_time"]),
-        control_socket=str(process["control_socket"]),
-        accel=str(process.get("accel", "")),
-        argv=tuple(process.get("argv", ())),
-        extra=dict(process.get("extra", {})),
-    )

@@ -23,13 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from stoker.domain.backoff import RestartDecision, StopReason, decide_for
+from stoker.domain.events import Event, EventType
 from stoker.domain.states import IllegalAction, VMState
 from stoker.domain.vm import VM
 from stoker.services.errors import ServiceError
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.loops import PeriodicTask
-from stoker.store.events import Event
 
 log = logging.getLogger("stoker.recovery")
 
@@ -75,10 +75,10 @@ class Recovery:
         """Listener for ``vm.state`` (sync, so "is this our own restart?" is read at once)."""
         if event.vm_id is None:
             return
-        if event.type == "vm.deleted":
+        if event.type == EventType.VM_DELETED:
             self._cancel(event.vm_id)
             return
-        if event.type != "vm.state":
+        if event.type != EventType.VM_STATE:
             return
         vm_id = event.vm_id
         before, to = event.data.get("from_state"), event.data.get("to_state")
@@ -117,7 +117,7 @@ class Recovery:
             self.lifecycle.vms.set_restart_info(vm_id, count, vm.last_restart_at, None)
         if had_timer or vm.next_retry_at is not None:
             self.events.publish(
-                "vm.restart_cancelled",
+                EventType.VM_RESTART_CANCELLED,
                 f"{vm.name}: pending automatic restart cancelled (an operator acted)",
                 vm_id,
             )
@@ -158,7 +158,7 @@ class Recovery:
         # persisted first: a restarted agent re-arms it
         self.lifecycle.vms.set_restart_info(vm.id, decision.attempt - 1, vm.last_restart_at, due)
         self.events.publish(
-            "vm.restart_scheduled",
+            EventType.VM_RESTART_SCHEDULED,
             f"{vm.name}: {decision.reason}: restarting in {decision.delay_s:g} s",
             vm.id,
             attempt=decision.attempt,
@@ -175,7 +175,7 @@ class Recovery:
         reason = f"restart limit reached ({limit} restarts): {detail or why}"
         self.lifecycle.vms.set_restart_info(vm.id, vm.restart_count, vm.last_restart_at, None)
         self.events.publish(
-            "vm.restart_limit_reached",
+            EventType.VM_RESTART_LIMIT_REACHED,
             f"{vm.name}: {reason}",
             vm.id,
             restarts=vm.restart_count,
@@ -210,7 +210,11 @@ class Recovery:
         reason = f"{AUTO} {attempt} of {limit} after {why}"
         self.lifecycle.vms.set_restart_info(vm_id, attempt, self.clock(), None)
         self.events.publish(
-            "vm.auto_restart", f"{vm.name}: {reason}", vm_id, attempt=attempt, stop_reason=why
+            EventType.VM_AUTO_RESTART,
+            f"{vm.name}: {reason}",
+            vm_id,
+            attempt=attempt,
+            stop_reason=why,
         )
         self._restarting.add(vm_id)
         try:
@@ -219,7 +223,10 @@ class Recovery:
             await self.lifecycle.restart(vm_id, graceful=False, reason=reason)
         except (ServiceError, IllegalAction) as exc:
             self.events.publish(
-                "vm.restart_failed", f"{vm.name}: {reason} failed: {exc}", vm_id, attempt=attempt
+                EventType.VM_RESTART_FAILED,
+                f"{vm.name}: {reason} failed: {exc}",
+                vm_id,
+                attempt=attempt,
             )
             fresh = self.lifecycle.vms.get(vm_id, with_transitions=3)
             if fresh is not None and fresh.state in (S.ERROR, S.STOPPED):
@@ -243,7 +250,7 @@ class Recovery:
             self._acted[vm.id] = vm.state_since
             reason = f"watchdog: {vm.state.value} for {age:.0f} s (limit {limit:g} s)"
             self.events.publish(
-                "vm.watchdog",
+                EventType.VM_WATCHDOG,
                 f"{vm.name}: {reason}",
                 vm.id,
                 state=vm.state.value,
@@ -278,7 +285,7 @@ class Recovery:
         for vm in self.lifecycle.vms.list():
             if vm.next_retry_at is not None and vm.id not in self._timers:
                 self.events.publish(
-                    "vm.restart_rearmed",
+                    EventType.VM_RESTART_REARMED,
                     f"{vm.name}: automatic restart re-armed for {vm.next_retry_at:%H:%M:%S} UTC",
                     vm.id,
                     attempt=vm.restart_count + 1,

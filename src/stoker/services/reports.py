@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stoker.domain import report as R
+from stoker.domain.events import Event, EventType
 from stoker.domain.vm import VM, Transition
 from stoker.host.disk import atomic_write_text
 from stoker.services.errors import InvalidSpec, NotFound
 from stoker.store.db import Database, to_iso
-from stoker.store.events import Event, EventStore
+from stoker.store.events import EventStore
 from stoker.store.schedules import ScheduleStore
 from stoker.store.vms import VMStore
 
@@ -51,22 +52,22 @@ Predictor = Callable[[], Any]
 
 def _is_health_failure(event: Event) -> bool:
     """The health capability's verdict turning unhealthy (``vm.health``)."""
-    if event.type == "vm.health":
+    if event.type == EventType.VM_HEALTH:
         return event.data.get("to_health") == "unhealthy"
     return event.type.startswith("health.") and any(w in event.type for w in ("fail", "unhealthy"))
 
 
 def _is_quota_violation(event: Event) -> bool:
-    return event.type.startswith("quota.violation")
+    return event.type.startswith(EventType.QUOTA_VIOLATION)
 
 
 def _is_snapshot_taken(event: Event) -> bool:
-    return event.type == "snapshot.created"
+    return event.type == EventType.SNAPSHOT_CREATED
 
 
 def _is_snapshot_pruned(event: Event) -> bool:
-    return event.type == "snapshot.pruned" or (
-        event.type == "snapshot.deleted" and bool(event.data.get("pruned"))
+    return event.type == EventType.SNAPSHOT_PRUNED or (
+        event.type == EventType.SNAPSHOT_DELETED and bool(event.data.get("pruned"))
     )
 
 
@@ -199,7 +200,7 @@ class ReportGenerator:
 
     def _events(self, start: datetime, end: datetime) -> list[Event]:
         found: list[Event] = []
-        for prefix in ("vm.health", "health.*", "quota.*", "snapshot.*"):
+        for prefix in (EventType.VM_HEALTH, "health.*", "quota.*", "snapshot.*"):
             found += [
                 e for e in self.events.list(since=start, type=prefix, limit=1_000_000) if e.at < end
             ]

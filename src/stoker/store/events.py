@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from stoker.domain.events import Event
 from stoker.store.db import Database, dumps, from_iso, to_iso
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    at: datetime
-    vm_id: str | None
-    type: str
-    message: str
-    data: dict[str, Any]
 
 
 class EventStore:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from stoker.domain.quota import ViolationCount
 from stoker.store.db import Database, dumps, from_iso, to_iso
 
 SCHEMA = """
@@ -28,46 +28,6 @@ CREATE TABLE quota_violations (
     PRIMARY KEY (vm_id, kind)
 );
 """
-
-
-@dataclass(frozen=True)
-class ViolationCount:
-    """``episodes``: separate times the limit was hit (a new one after a quiet interval);
-    ``samples``: monitoring intervals spent at the limit; ``total``: the summed amounts
-    (throttled periods, failcnt hits, OOM kills, ...)."""
-
-    vm_id: str
-    kind: str
-    episodes: int
-    samples: int
-    total: float
-    first_at: datetime
-    last_at: datetime
-    last_detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "episodes": self.episodes,
-            "samples": self.samples,
-            "total": self.total,
-            "first_at": to_iso(self.first_at),
-            "last_at": to_iso(self.last_at),
-            "last_detail": self.last_detail,
-        }
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ViolationCount:
-        return cls(
-            row["vm_id"],
-            row["kind"],
-            row["episodes"],
-            row["samples"],
-            row["total"],
-            from_iso(row["first_at"]),  # type: ignore[arg-type]
-            from_iso(row["last_at"]),  # type: ignore[arg-type]
-            row["last_detail"],
-        )
 
 
 def _quota(text: str) -> dict[str, Any]:
@@ -126,4 +86,17 @@ class QuotaStore:
         """Every VM's counters, or one VM's; ordered by VM, then kind."""
         where, params = ("", ()) if vm_id is None else (" WHERE vm_id = ?", (vm_id,))
         rows = self.db.query(f"SELECT * FROM quota_violations{where} ORDER BY vm_id, kind", params)
-        return [ViolationCount.from_row(r) for r in rows]
+        return [_violation(r) for r in rows]
+
+
+def _violation(row: sqlite3.Row) -> ViolationCount:
+    return ViolationCount(
+        row["vm_id"],
+        row["kind"],
+        row["episodes"],
+        row["samples"],
+        row["total"],
+        from_iso(row["first_at"]),  # type: ignore[arg-type]
+        from_iso(row["last_at"]),  # type: ignore[arg-type]
+        row["last_detail"],
+    )

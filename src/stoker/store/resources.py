@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stoker.domain.capacity import Allocation, Request, Shortfall
+from stoker.domain.usage import NodeSample, Reservation, VMSample
 
 # schema.py imports this module for SCHEMA while db.py is still importing schema.py:
 # take db as a module and use its names at call time, never at import time.
@@ -59,44 +60,6 @@ CREATE TABLE vm_samples (
 CREATE INDEX vm_samples_by_vm ON vm_samples (vm_id, t);
 CREATE INDEX vm_samples_by_t ON vm_samples (t);
 """
-
-
-@dataclass(frozen=True)
-class Reservation:
-    vm_id: str
-    name: str | None
-    state: str | None
-    vcpus: int
-    memory_bytes: int
-    reserved_at: str
-
-
-@dataclass(frozen=True)
-class NodeSample:
-    """Node totals at one time: allocations, and what the VMMs and the host really use."""
-
-    t: float
-    resolution_s: float
-    vms: int
-    vcpus_allocated: float
-    memory_allocated: float
-    cpu_used: float | None  # cores busy in VMM processes
-    memory_used: float | None  # bytes resident in VMM processes
-    host_cpu_percent: float | None
-    host_memory_used: float | None
-
-
-@dataclass(frozen=True)
-class VMSample:
-    vm_id: str
-    t: float
-    resolution_s: float
-    cpu_percent: float | None
-    memory_bytes: float | None
-    disk_read_bytes: float | None
-    disk_write_bytes: float | None
-    net_rx_bytes: float | None
-    net_tx_bytes: float | None
 
 
 NODE_COLUMNS = [f.name for f in fields(NodeSample)]

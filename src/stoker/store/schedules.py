@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+from stoker.domain.schedules import RunRecord, ScheduleRecord
 
 # the module, not its names: schema.py imports this file while db.py is still loading
 from stoker.store import db as _db
@@ -64,40 +66,8 @@ FINISHED_STATUSES = (SUCCEEDED, FAILED, MISSED, SKIPPED)
 MISSED_MESSAGE = "the agent was not running at the fire time and the grace window had passed"
 
 
-@dataclass(frozen=True)
-class ScheduleRow:
-    id: str
-    name: str | None
-    action: str
-    vm: str | None
-    selector: dict[str, str] | None
-    cron: str
-    tz: str
-    spread_s: float
-    grace_s: float
-    options: dict[str, Any]
-    enabled: bool
-    created_at: datetime
-    updated_at: datetime
-    #: the latest fire time already handled (ran, missed or skipped); fires after it are due
-    last_fire_at: datetime
-
-
-@dataclass(frozen=True)
-class RunRow:
-    id: int
-    schedule_id: str
-    trigger: str
-    fire_at: datetime | None
-    started_at: datetime
-    finished_at: datetime | None
-    status: str
-    message: str
-    results: list[dict[str, Any]]
-
-
 #: every column but the identity and the timestamps the store keeps itself
-UPDATABLE_COLUMNS = {f.name for f in fields(ScheduleRow)} - {"id", "created_at", "updated_at"}
+UPDATABLE_COLUMNS = {f.name for f in fields(ScheduleRecord)} - {"id", "created_at", "updated_at"}
 
 
 class AlreadyRunning(Exception):
@@ -110,7 +80,7 @@ class ScheduleStore:
 
     # ------------------------------------------------------------------------- schedules
 
-    def insert(self, row: ScheduleRow) -> None:
+    def insert(self, row: ScheduleRecord) -> None:
         """Raise ``sqlite3.IntegrityError`` when the name is taken."""
         with self.db.write() as conn:
             conn.execute(
@@ -135,13 +105,13 @@ class ScheduleStore:
                 ),
             )
 
-    def get(self, ref: str) -> ScheduleRow | None:
+    def get(self, ref: str) -> ScheduleRecord | None:
         """By id, else by name."""
         row = self.db.query_one("SELECT * FROM schedules WHERE id = ?", (ref,))
         row = row or self.db.query_one("SELECT * FROM schedules WHERE name = ?", (ref,))
         return _schedule(row) if row is not None else None
 
-    def list(self, enabled: bool | None = None) -> list[ScheduleRow]:
+    def list(self, enabled: bool | None = None) -> list[ScheduleRecord]:
         if enabled is None:
             rows = self.db.query("SELECT * FROM schedules ORDER BY created_at, id")
         else:
@@ -186,7 +156,7 @@ class ScheduleStore:
         at: datetime,
         fire_at: datetime | None = None,
         missed: list[datetime] | None = None,
-    ) -> RunRow:
+    ) -> RunRecord:
         """Start a run (the lock), record ``missed`` fires, advance ``last_fire_at``.
 
         All in one transaction. Raises ``AlreadyRunning`` (and changes nothing) when a run of
@@ -254,18 +224,18 @@ class ScheduleStore:
             )
             return cur.rowcount
 
-    def run(self, run_id: int) -> RunRow | None:
+    def run(self, run_id: int) -> RunRecord | None:
         row = self.db.query_one("SELECT * FROM schedule_runs WHERE id = ?", (run_id,))
         return _run(row) if row is not None else None
 
-    def running(self, schedule_id: str) -> RunRow | None:
+    def running(self, schedule_id: str) -> RunRecord | None:
         row = self.db.query_one(
             "SELECT * FROM schedule_runs WHERE schedule_id = ? AND status = ?",
             (schedule_id, RUNNING),
         )
         return _run(row) if row is not None else None
 
-    def runs(self, schedule_id: str | None = None, limit: int = 50) -> list[RunRow]:
+    def runs(self, schedule_id: str | None = None, limit: int = 50) -> list[RunRecord]:
         """Newest first."""
         if schedule_id is None:
             rows = self.db.query("SELECT * FROM schedule_runs ORDER BY id DESC LIMIT ?", (limit,))
@@ -276,7 +246,7 @@ class ScheduleStore:
             )
         return [_run(r) for r in rows]
 
-    def runs_between(self, start: datetime, end: datetime) -> list[RunRow]:
+    def runs_between(self, start: datetime, end: datetime) -> list[RunRecord]:
         """Runs started in ``[start, end)``, oldest first (for reports)."""
         rows = self.db.query(
             "SELECT * FROM schedule_runs WHERE started_at >= ? AND started_at < ? ORDER BY id",
@@ -325,8 +295,8 @@ def _iso(dt: datetime | None) -> str | None:
     return _db.to_iso(dt) if dt is not None else None
 
 
-def _schedule(row: sqlite3.Row) -> ScheduleRow:
-    return ScheduleRow(
+def _schedule(row: sqlite3.Row) -> ScheduleRecord:
+    return ScheduleRecord(
         id=row["id"],
         name=row["name"],
         action=row["action"],
@@ -344,8 +314,8 @@ def _schedule(row: sqlite3.Row) -> ScheduleRow:
     )
 
 
-def _run(row: sqlite3.Row) -> RunRow:
-    return RunRow(
+def _run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
         id=int(row["id"]),
         schedule_id=row["schedule_id"],
         trigger=row["trigger"],

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+from stoker.domain.snapshots import PolicyRecord, SnapshotRecord, VerifyRecord
 
 # Module import, not names: store.db imports the schema, which imports this module.
 from stoker.store import db as _db
@@ -48,43 +49,6 @@ CREATE TABLE snapshot_policies (
     updated_at TEXT NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class VerifyRecord:
-    at: datetime
-    ok: bool
-    deep: bool
-    detail: str
-    duration_s: float
-
-
-@dataclass(frozen=True)
-class SnapshotRecord:
-    """One snapshot; satisfies ``domain.retention.SnapshotLike`` (id, created, protected)."""
-
-    id: str
-    vm_id: str
-    vm_name: str
-    created: datetime
-    kind: str
-    tags: tuple[str, ...]
-    protected: bool
-    with_memory: bool
-    size_bytes: int
-    path: str
-    pause_s: float | None = None
-    verified: VerifyRecord | None = None
-
-
-@dataclass(frozen=True)
-class PolicyRecord:
-    vm_id: str
-    retention: str | None
-    interval_s: int | None
-    last_auto_at: datetime | None
-    updated_at: datetime
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SnapshotStore:

@@ -7,6 +7,7 @@ import sqlite3
 from datetime import datetime
 from typing import Any
 
+from stoker.domain.process import ProcessRecord
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM, Transition
@@ -56,7 +57,7 @@ class VMStore:
             state_reason=row["state_reason"],
             state_since=from_iso(row["state_since"]),  # type: ignore[arg-type]
             created_at=from_iso(row["created_at"]),  # type: ignore[arg-type]
-            process=json.loads(row["process"]) if row["process"] else None,
+            process=ProcessRecord.from_json(json.loads(row["process"])) if row["process"] else None,
             restart_count=row["restart_count"],
             last_restart_at=from_iso(row["last_restart_at"]),
             next_retry_at=from_iso(row["next_retry_at"]),
@@ -138,11 +139,11 @@ class VMStore:
             )
         return True
 
-    def set_process(self, vm_id: str, process: dict[str, Any] | None) -> None:
+    def set_process(self, vm_id: str, process: ProcessRecord | None) -> None:
         with self.db.write() as conn:
             conn.execute(
                 "UPDATE vms SET process = ? WHERE id = ?",
-                (dumps(process) if process is not None else None, vm_id),
+                (dumps(process.to_json()) if process is not None else None, vm_id),
             )
 
     def set_restart_info(

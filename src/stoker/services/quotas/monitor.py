@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from stoker.domain.events import EventType
 from stoker.domain.quota import Quota, Sample, rates, violations
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
@@ -131,7 +132,7 @@ class QuotaMonitor:
                 announce(
                     self.events,
                     vm,
-                    "quota.violation",
+                    EventType.QUOTA_VIOLATION,
                     violation.detail,
                     kind=violation.kind,
                     amount=violation.amount,

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from stoker.domain.events import Event, EventType
 from stoker.domain.quota import (
     Quota,
     QuotaProblem,
@@ -45,7 +46,6 @@ from stoker.services.quotas.notify import announce
 from stoker.services.quotas.placement import VMCgroups
 from stoker.services.quotas.settings import QuotasConfig
 from stoker.services.quotas.view import observed_drives, quota_view
-from stoker.store.events import Event
 from stoker.store.quotas import QuotaStore
 
 log = logging.getLogger("stoker.quotas")
@@ -137,7 +137,7 @@ class QuotaService:
                 announce(
                     self.events,
                     vm,
-                    "quota.apply_failed",
+                    EventType.QUOTA_APPLY_FAILED,
                     f"quota limits NOT in effect: {exc}",
                     failed=exc.failures,
                 )
@@ -147,7 +147,7 @@ class QuotaService:
                 announce(
                     self.events,
                     vm,
-                    "quota.applied",
+                    EventType.QUOTA_APPLIED,
                     f"quota applied ({', '.join(sorted(applied.enforced))})",
                     enforced=applied.enforced,
                 )
@@ -157,9 +157,9 @@ class QuotaService:
         vm_id = event.vm_id
         if vm_id is None:
             return
-        if event.type == "vm.state" and event.data.get("to_state") in ("stopped", "error"):
+        if event.type == EventType.VM_STATE and event.data.get("to_state") in ("stopped", "error"):
             self._forget_runtime(vm_id)
-        elif event.type == "vm.deleted":
+        elif event.type == EventType.VM_DELETED:
             self._forget_runtime(vm_id)
             self.store.forget_vm(vm_id)
             self._locks.pop(vm_id, None)
@@ -193,7 +193,7 @@ class QuotaService:
         announce(
             self.events,
             vm,
-            "quota.changed",
+            EventType.QUOTA_CHANGED,
             f"quota set ({_describe(override)})",
             quota=override.set_fields(),
         )
@@ -206,7 +206,7 @@ class QuotaService:
             await self._apply_live(vm, old=self.effective(vm.id), new=self.defaults)
             existed = self.store.delete(vm.id)
         if existed:
-            announce(self.events, vm, "quota.removed", "quota override removed")
+            announce(self.events, vm, EventType.QUOTA_REMOVED, "quota override removed")
         return self.view(self.lifecycle.get(vm.id, 0))
 
     async def _apply_live(self, vm: VM, old: Quota, new: Quota) -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from stoker.domain.quota import FIELDS, Enforcement, Quota, merge, plan, sources
+from stoker.domain.quota import FIELDS, Enforcement, Quota, ViolationCount, merge, plan, sources
 from stoker.domain.units import vmm_memory_limit_bytes
 from stoker.domain.vm import VM
 from stoker.services.quotas.enforce import Applied
-from stoker.store.quotas import ViolationCount
 
 
 def limit_entry(

@@ -12,9 +12,10 @@ from datetime import datetime
 
 from stoker.domain import alerts
 from stoker.domain.capacity import NodeCapacity
+from stoker.domain.events import EventType
+from stoker.domain.usage import NodeSample
 from stoker.services.events import EventBus
 from stoker.services.resources.settings import ResourcesConfig
-from stoker.store.resources import NodeSample
 
 #: what each alert measures, as its messages say it
 MEASURES = {"cpu": "CPU used by VMs", "memory": "memory used by VMMs"}
@@ -70,7 +71,7 @@ class UsageAlerts:
             else:
                 message = f"{what} back to {value:.0%} of capacity, below {threshold.clear_at:.0%}"
             self.events.publish(
-                f"alert.{change}",
+                EventType.ALERT_RAISED if change == "raised" else EventType.ALERT_CLEARED,
                 message,
                 resource=resource,
                 value=round(value, 4),

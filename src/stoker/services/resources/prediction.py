@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from stoker.domain import trend
 from stoker.domain.capacity import NodeCapacity
-from stoker.store.resources import NodeSample
+from stoker.domain.usage import NodeSample
 
 
 def capacities(cap: NodeCapacity) -> dict[str, float]:

@@ -19,6 +19,8 @@ import psutil
 
 from stoker.domain import trend
 from stoker.domain.capacity import Allocation, NodeCapacity, available
+from stoker.domain.events import Event, EventType
+from stoker.domain.usage import NodeSample, VMSample
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
 from stoker.services.events import EventBus
@@ -29,8 +31,7 @@ from stoker.services.resources.alerting import AlertView, UsageAlerts
 from stoker.services.resources.gate import CapacityGate
 from stoker.services.resources.settings import ResourcesConfig
 from stoker.services.sampling import Reading, VMSampler
-from stoker.store.events import Event
-from stoker.store.resources import NodeSample, ResourceStore, VMSample
+from stoker.store.resources import ResourceStore
 
 log = logging.getLogger("stoker.resources")
 
@@ -90,7 +91,7 @@ class ResourceService:
         self._tracked[vm.id] = _Tracked(vm, vmm)
 
     def on_event(self, event: Event) -> None:
-        if event.type == "vm.deleted" and event.vm_id:
+        if event.type == EventType.VM_DELETED and event.vm_id:
             self._forget(event.vm_id)
             self.store.drop_vm_samples(event.vm_id)
 

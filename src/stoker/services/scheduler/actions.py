@@ -15,13 +15,13 @@ from typing import Any
 
 from stoker.domain import cron
 from stoker.domain.report import last_complete_day
+from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.domain.states import IllegalAction, VMState
 from stoker.domain.vm import VM
 from stoker.services.errors import InvalidSpec, ServiceError
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.reports import ReportGenerator
 from stoker.services.scheduler.settings import zone
-from stoker.store.schedules import RunRow, ScheduleRow
 
 log = logging.getLogger("stoker.scheduler")
 
@@ -30,7 +30,7 @@ Sleep = Callable[[float], Awaitable[None]]
 Result = dict[str, Any]
 
 
-def label(row: ScheduleRow) -> str:
+def label(row: ScheduleRecord) -> str:
     """How messages name a schedule: its name and id, or the id alone."""
     return f"{row.name} ({row.id})" if row.name else row.id
 
@@ -50,7 +50,7 @@ class Actions:
         self.clock = clock
         self.sleep = sleep
 
-    async def perform(self, row: ScheduleRow, run: RunRow) -> list[Result]:
+    async def perform(self, row: ScheduleRecord, run: RunRecord) -> list[Result]:
         """One result per target VM, or the report's; empty when no VM matched."""
         if row.action == "report":
             return [await self._report(row, run)]
@@ -59,7 +59,7 @@ class Actions:
             return [{"status": "failed", "message": targets}]
         return list(await asyncio.gather(*(self._one(row, vm) for vm in targets)))
 
-    def targets(self, row: ScheduleRow) -> list[VM] | str:
+    def targets(self, row: ScheduleRecord) -> list[VM] | str:
         """The VMs the schedule covers now, or why its named VM is gone."""
         if row.vm is not None:
             vm = self.lifecycle.vms.get(row.vm)
@@ -71,14 +71,14 @@ class Actions:
             if all(vm.spec.labels.get(k) == v for k, v in selector.items())
         ]
 
-    def vm_id(self, row: ScheduleRow) -> str | None:
+    def vm_id(self, row: ScheduleRecord) -> str | None:
         """The id of the schedule's named VM, for events (None for selectors and reports)."""
         if row.vm is None:
             return None
         vm = self.lifecycle.vms.get(row.vm)
         return vm.id if vm else None
 
-    async def _one(self, row: ScheduleRow, vm: VM) -> Result:
+    async def _one(self, row: ScheduleRecord, vm: VM) -> Result:
         offset = cron.stagger_offset(row.id, vm.id, row.spread_s)
         if offset > 0:
             await self.sleep(offset)
@@ -100,7 +100,7 @@ class Actions:
             "finished_at": self.clock().isoformat(),
         }
 
-    async def _act(self, row: ScheduleRow, vm: VM) -> tuple[str, str]:
+    async def _act(self, row: ScheduleRecord, vm: VM) -> tuple[str, str]:
         """Do the action to one VM: (succeeded|skipped|failed, what happened)."""
         why = f"schedule {label(row)}"
         lc = self.lifecycle
@@ -156,7 +156,7 @@ class Actions:
             message += f"; pruned {len(removed)} by retention policy {policy}"
         return "succeeded", message
 
-    async def _report(self, row: ScheduleRow, run: RunRow) -> Result:
+    async def _report(self, row: ScheduleRecord, run: RunRecord) -> Result:
         """The last complete period as of the fire time (a daily report fired just after
         midnight covers yesterday)."""
         period = row.options.get("period", "daily")

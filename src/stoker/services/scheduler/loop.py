@@ -16,6 +16,8 @@ import logging
 from datetime import datetime
 
 from stoker.domain import cron
+from stoker.domain.events import EventType
+from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.events import EventBus
 from stoker.services.scheduler.actions import Actions, Clock, Result, Sleep, label
 from stoker.services.scheduler.settings import SchedulerConfig, zone
@@ -52,7 +54,7 @@ class ScheduleLoop:
 
     # ------------------------------------------------------------------------ timing
 
-    def next_fire(self, row: st.ScheduleRow) -> datetime | None:
+    def next_fire(self, row: ScheduleRecord) -> datetime | None:
         """The next fire time in UTC, or None when disabled."""
         if not row.enabled:
             return None
@@ -76,7 +78,7 @@ class ScheduleLoop:
             except Exception:  # one bad schedule must not stop the others
                 log.exception("checking schedule %s failed", row.id)
 
-    def _check(self, row: st.ScheduleRow, now: datetime) -> None:
+    def _check(self, row: ScheduleRecord, now: datetime) -> None:
         fires = cron.missed_fires(
             row.cron, row.last_fire_at, now, zone(row.tz), limit=MAX_MISSED_ROWS
         )
@@ -85,7 +87,7 @@ class ScheduleLoop:
         to_run, missed = cron.plan_misfires(fires, now, row.grace_s)
         if missed:
             self.events.publish(
-                "schedule.missed",
+                EventType.SCHEDULE_MISSED,
                 f"schedule {label(row)}: {len(missed)} fire(s) missed while the agent was "
                 f"not running, latest {missed[-1].isoformat()} (beyond the "
                 f"{row.grace_s:g} s grace window)",
@@ -102,20 +104,23 @@ class ScheduleLoop:
             message = "skipped: the previous run of this schedule is still in progress"
             self.store.record(row.id, st.SKIPPED, now, message, fire_at=to_run, missed=missed)
             self.events.publish(
-                "schedule.skipped", f"schedule {label(row)}: {message}", self.actions.vm_id(row),
-                schedule_id=row.id, fire_at=to_run.isoformat(),
-            )  # fmt: skip
+                EventType.SCHEDULE_SKIPPED,
+                f"schedule {label(row)}: {message}",
+                self.actions.vm_id(row),
+                schedule_id=row.id,
+                fire_at=to_run.isoformat(),
+            )
             return
         self._launch(run, row)
 
     # -------------------------------------------------------------------------- runs
 
-    def _launch(self, run: st.RunRow, row: st.ScheduleRow) -> None:
+    def _launch(self, run: RunRecord, row: ScheduleRecord) -> None:
         task = asyncio.create_task(self._execute(run, row))
         self._runs[run.id] = task
         task.add_done_callback(lambda _t: self._runs.pop(run.id, None))
 
-    async def _execute(self, run: st.RunRow, row: st.ScheduleRow) -> None:
+    async def _execute(self, run: RunRecord, row: ScheduleRecord) -> None:
         """Perform a claimed run, then release its lock with the outcome and an event."""
         results: list[Result] = []
         try:
@@ -141,7 +146,7 @@ class ScheduleLoop:
         if failed:
             for r in failed:
                 self.events.publish(
-                    "schedule.failed",
+                    EventType.SCHEDULE_FAILED,
                     f"schedule {label(row)} ({row.action}) failed for "
                     f"{r.get('vm', 'the node')}: {r['message']}",
                     r.get("vm_id"),
@@ -151,7 +156,7 @@ class ScheduleLoop:
                 )
         else:
             self.events.publish(
-                "schedule.ran",
+                EventType.SCHEDULE_RAN,
                 f"schedule {label(row)} ({row.action}) ran: {message}",
                 self.actions.vm_id(row),
                 schedule_id=row.id,
@@ -219,6 +224,6 @@ class ScheduleLoop:
                 log.exception("scheduler tick failed")
 
 
-def _next_after(row: st.ScheduleRow, now: datetime) -> datetime:
+def _next_after(row: ScheduleRecord, now: datetime) -> datetime:
     """The first fire after both ``now`` and the last fire already handled."""
     return cron.next_fire(row.cron, max(row.last_fire_at, now), zone(row.tz))

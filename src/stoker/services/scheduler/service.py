@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.errors import Conflict, InvalidSpec, NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
@@ -56,10 +57,10 @@ class Scheduler(ScheduleLoop):
 
     # ------------------------------------------------------------------------- CRUD
 
-    def create(self, spec: ScheduleSpec) -> st.ScheduleRow:
+    def create(self, spec: ScheduleSpec) -> ScheduleRecord:
         columns = self._columns(spec)
         now = self.clock()
-        row = st.ScheduleRow(
+        row = ScheduleRecord(
             id=uuid.uuid4().hex[:12],
             **columns,
             created_at=now,
@@ -69,16 +70,16 @@ class Scheduler(ScheduleLoop):
         self._write(spec, lambda: self.store.insert(row))
         return self.get(row.id)
 
-    def get(self, ref: str) -> st.ScheduleRow:
+    def get(self, ref: str) -> ScheduleRecord:
         row = self.store.get(ref)
         if row is None:
             raise NotFound(f"no schedule named or with id {ref!r}")
         return row
 
-    def list(self) -> list[st.ScheduleRow]:
+    def list(self) -> list[ScheduleRecord]:
         return self.store.list()
 
-    def update(self, ref: str, changes: ScheduleUpdate) -> st.ScheduleRow:
+    def update(self, ref: str, changes: ScheduleUpdate) -> ScheduleRecord:
         current = self.get(ref)
         given = changes.model_dump(exclude_unset=True)
         merged = {key: getattr(current, key) for key in ScheduleUpdate.model_fields}
@@ -104,7 +105,7 @@ class Scheduler(ScheduleLoop):
         self._write(spec, lambda: self.store.update(current.id, now, **values))
         return self.get(current.id)
 
-    def set_enabled(self, ref: str, enabled: bool) -> st.ScheduleRow:
+    def set_enabled(self, ref: str, enabled: bool) -> ScheduleRecord:
         return self.update(ref, ScheduleUpdate(enabled=enabled))
 
     def delete(self, ref: str) -> None:
@@ -116,7 +117,7 @@ class Scheduler(ScheduleLoop):
         self.store.delete(row.id)
         self.wake()
 
-    def runs(self, ref: str, limit: int = 50) -> list[st.RunRow]:
+    def runs(self, ref: str, limit: int = 50) -> list[RunRecord]:
         return self.store.runs(self.get(ref).id, limit)
 
     def _columns(self, spec: ScheduleSpec) -> dict[str, Any]:
@@ -158,7 +159,7 @@ class Scheduler(ScheduleLoop):
 
     # ------------------------------------------------------------------------ firing
 
-    async def run_now(self, ref: str) -> st.RunRow:
+    async def run_now(self, ref: str) -> RunRecord:
         """Start a run at once (cron timing untouched); 409 if one is already going."""
         row = self.get(ref)
         try:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.states import VMState
 from stoker.services.errors import ServiceError
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.create import create_snapshot
 from stoker.services.snapshots.policy import next_auto_at
 from stoker.services.snapshots.prune import PruneResult, prune_snapshots
-from stoker.store.snapshots import SnapshotRecord
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ async def run_due(ctx: SnapshotContext) -> None:
             await auto_snapshot(ctx, vm.id)
         except ServiceError as exc:
             ctx.events.publish(
-                "snapshot.auto_failed",
+                EventType.SNAPSHOT_AUTO_FAILED,
                 f"{vm.name}: automatic snapshot failed: {exc.detail}",
                 vm.id,
             )

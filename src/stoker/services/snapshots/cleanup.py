@@ -14,13 +14,13 @@ import logging
 import shutil
 from pathlib import Path
 
+from stoker.domain.events import Event, EventType
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, DriverError
 from stoker.host.proc import find_processes_with_arg, kill
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
-from stoker.store.events import Event
-from stoker.store.snapshots import SnapshotRecord
 
 log = logging.getLogger("stoker.snapshots")
 
@@ -41,7 +41,7 @@ def cleanup_leftovers(ctx: SnapshotContext) -> None:
         if not Path(snap.path).is_dir():
             ctx.store.delete(snap.id)
             ctx.events.publish(
-                "snapshot.lost",
+                EventType.SNAPSHOT_LOST,
                 f"{snap.vm_name}: snapshot {snap.id} is gone from disk; dropped from the list",
                 snap.vm_id,
                 snapshot=snap.id,
@@ -58,7 +58,7 @@ def _clean_entry(
         shutil.rmtree(entry, ignore_errors=True)
         ctx.interrupted.add(vm.id)
         ctx.events.publish(
-            "snapshot.cleaned",
+            EventType.SNAPSHOT_CLEANED,
             f"{vm.name}: removed interrupted snapshot {snapshot_id}",
             vm.id,
             snapshot=snapshot_id,
@@ -107,7 +107,7 @@ async def resume_interrupted(ctx: SnapshotContext, vm: VM, vmm: VMM) -> None:
     if not status.running:
         await vmm.resume()
         ctx.events.publish(
-            "snapshot.resumed",
+            EventType.SNAPSHOT_RESUMED,
             f"{vm.name}: resumed after an interrupted snapshot (was {status.status})",
             vm.id,
         )
@@ -115,7 +115,7 @@ async def resume_interrupted(ctx: SnapshotContext, vm: VM, vmm: VMM) -> None:
 
 def forget_vm(ctx: SnapshotContext, event: Event) -> None:
     """On ``vm.deleted``: its snapshot rows and policy go (its directory went with it)."""
-    if event.type == "vm.deleted" and event.vm_id:
+    if event.type == EventType.VM_DELETED and event.vm_id:
         for snap in ctx.store.list(event.vm_id):
             ctx.store.delete(snap.id)
         ctx.store.delete_policy(event.vm_id)

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.errors import NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.snapshots.settings import SnapshotSettings
-from stoker.store.snapshots import SnapshotRecord, SnapshotStore
+from stoker.store.snapshots import SnapshotStore
 
 
 @dataclass

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.units import format_size
@@ -34,7 +36,6 @@ from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.errors import SnapshotFailed
 from stoker.services.snapshots.files import copy_file
 from stoker.services.snapshots.space import check_space, expected_bytes
-from stoker.store.snapshots import SnapshotRecord
 
 S = VMState
 Kind = Literal["manual", "auto", "pre-update"]
@@ -107,7 +108,10 @@ async def _create_locked(
         await asyncio.to_thread(shutil.rmtree, tmp, True)
         if isinstance(exc, DriverError | OSError):
             ctx.events.publish(
-                "snapshot.failed", f"{vm.name}: snapshot failed: {exc}", vm.id, error=str(exc)
+                EventType.SNAPSHOT_FAILED,
+                f"{vm.name}: snapshot failed: {exc}",
+                vm.id,
+                error=str(exc),
             )
             raise SnapshotFailed(f"snapshot of {vm.name} failed: {exc}") from exc
         raise
@@ -126,7 +130,7 @@ async def _create_locked(
     )
     ctx.store.insert(record)
     ctx.events.publish(
-        "snapshot.created",
+        EventType.SNAPSHOT_CREATED,
         f"{vm.name}: snapshot {sid} ({kind}, {format_size(record.size_bytes)}) created",
         vm.id,
         snapshot=sid,
@@ -157,7 +161,7 @@ async def _capture_live(
                 await vmm.resume()
             except DriverError as exc:
                 ctx.events.publish(
-                    "snapshot.resume_failed",
+                    EventType.SNAPSHOT_RESUME_FAILED,
                     f"{vm.name}: could not resume after snapshot: {exc}",
                     vm.id,
                 )

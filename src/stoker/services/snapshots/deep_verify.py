@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.spec import Network, NetworkMode, VMSpec
 from stoker.drivers.base import VMM, DriverError, VMPaths
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.files import run_tool
-from stoker.store.snapshots import SnapshotRecord
 
 
 async def deep_verify(ctx: SnapshotContext, snap: SnapshotRecord) -> str:

@@ -12,13 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.units import format_size
 from stoker.host.disk import dir_size
 from stoker.services.errors import Conflict
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.files import fsync_path
-from stoker.store.snapshots import SnapshotRecord
 
 
 async def delete_snapshot(ctx: SnapshotContext, snapshot_id: str, force: bool = False) -> int:
@@ -33,7 +34,7 @@ async def delete_snapshot(ctx: SnapshotContext, snapshot_id: str, force: bool = 
     async with ctx.vm_lock(snap.vm_id):
         freed = await remove_snapshot(ctx, ctx.get(snapshot_id))
     ctx.events.publish(
-        "snapshot.deleted",
+        EventType.SNAPSHOT_DELETED,
         f"{snap.vm_name}: snapshot {snap.id} deleted, {format_size(freed)} freed",
         snap.vm_id,
         snapshot=snap.id,

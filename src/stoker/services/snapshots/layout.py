@@ -17,12 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.spec import DriveFormat, VMSpec
 from stoker.domain.vm import VM
 from stoker.host.disk import dir_size
 from stoker.services.errors import Conflict
 from stoker.services.snapshots.files import fsync_path, fsync_tree, write_json_durably
-from stoker.store.snapshots import SnapshotRecord
 
 MANIFEST = "manifest.json"
 MEMORY = "memory"

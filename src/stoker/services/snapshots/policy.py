@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from stoker.domain import retention
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import PolicyRecord
 from stoker.domain.vm import VM
 from stoker.services.errors import InvalidSpec
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.settings import zone_name
-from stoker.store.snapshots import PolicyRecord
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def set_policy(
     ctx.store.put_policy(vm.id, canonical, interval_s, ctx.clock())
     policy = get_policy(ctx, vm.id)
     ctx.events.publish(
-        "snapshot.policy",
+        EventType.SNAPSHOT_POLICY,
         f"{vm.name}: snapshot policy set: retention {canonical or 'none'}, "
         f"automatic every {policy.interval or 'never'}",
         vm.id,

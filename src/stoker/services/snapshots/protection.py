@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
-from stoker.store.snapshots import SnapshotRecord
 
 
 def set_protected(ctx: SnapshotContext, snapshot_id: str, protected: bool) -> SnapshotRecord:

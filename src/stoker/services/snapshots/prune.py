@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from stoker.domain import retention
+from stoker.domain.events import EventType
 from stoker.domain.units import format_size
 from stoker.services.errors import Conflict
 from stoker.services.snapshots.context import SnapshotContext
@@ -59,7 +60,7 @@ async def prune_snapshots(ctx: SnapshotContext, vm_ref: str, dry_run: bool = Fal
                 size = await remove_snapshot(ctx, snaps[item.id])
                 freed += size
                 ctx.events.publish(
-                    "snapshot.pruned",
+                    EventType.SNAPSHOT_PRUNED,
                     f"{vm.name}: snapshot {item.id} pruned ({why}), {format_size(size)} freed",
                     vm.id,
                     snapshot=item.id,

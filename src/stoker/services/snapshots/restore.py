@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
@@ -20,7 +22,6 @@ from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.errors import RestoreFailed
 from stoker.services.snapshots.files import allocated_bytes, copy_file, fsync_path
 from stoker.services.snapshots.space import check_space
-from stoker.store.snapshots import SnapshotRecord
 
 S = VMState
 
@@ -51,7 +52,7 @@ async def restore_snapshot(ctx: SnapshotContext, snapshot_id: str) -> tuple[Snap
             await _resume_from_memory(ctx, vm, snap, root)
         vm = ctx.lifecycle.get(vm.id)
         ctx.events.publish(
-            "snapshot.restored",
+            EventType.SNAPSHOT_RESTORED,
             f"{vm.name}: restored from snapshot {snap.id}; now {vm.state.value}",
             vm.id,
             snapshot=snap.id,
@@ -68,7 +69,7 @@ async def _resume_from_memory(
     vm = await ctx.lifecycle.wait_settled(vm.id, ctx.settings.restore_timeout_s)
     if vm.state != S.RUNNING:
         ctx.events.publish(
-            "snapshot.restore_failed",
+            EventType.SNAPSHOT_RESTORE_FAILED,
             f"{vm.name}: restore of snapshot {snap.id} failed: {vm.state_reason}",
             vm.id,
             snapshot=snap.id,

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from stoker.domain.events import Event
+from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
 from stoker.services.lifecycle import Lifecycle
@@ -24,8 +26,7 @@ from stoker.services.snapshots.prune import PruneResult, prune_snapshots
 from stoker.services.snapshots.restore import restore_snapshot
 from stoker.services.snapshots.settings import SnapshotSettings
 from stoker.services.snapshots.verify import verify_snapshot
-from stoker.store.events import Event
-from stoker.store.snapshots import SnapshotRecord, SnapshotStore
+from stoker.store.snapshots import SnapshotStore
 
 
 class SnapshotService:

@@ -8,6 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
+from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotRecord, VerifyRecord
 from stoker.drivers.base import DriverError, NotSupported
 from stoker.services.errors import Conflict
 from stoker.services.snapshots import layout
@@ -15,7 +17,6 @@ from stoker.services.snapshots.checksums import FileInfo, list_files, sha256_fil
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.deep_verify import deep_verify
 from stoker.services.snapshots.files import run_tool
-from stoker.store.snapshots import SnapshotRecord, VerifyRecord
 
 
 async def verify_snapshot(
@@ -38,7 +39,7 @@ async def verify_snapshot(
             snap.id, VerifyRecord(ctx.clock(), ok, deep, detail, round(duration, 3))
         )
     ctx.events.publish(
-        "snapshot.verified" if ok else "snapshot.verify_failed",
+        EventType.SNAPSHOT_VERIFIED if ok else EventType.SNAPSHOT_VERIFY_FAILED,
         f"{snap.vm_name}: snapshot {snap.id} {'verified' if ok else 'FAILED'}"
         f"{' (deep)' if deep else ''}: {detail}",
         snap.vm_id,
