@@ -85,7 +85,7 @@ def make_vm(vms: VMStore, name: str = "web", state=S.RUNNING, since=None, **spec
 
 
 def types(events: EventBus, vm_id: str) -> list[str]:
-    return [e.type for e in events.store.list(vm_id=vm_id, limit=1000)]
+    return [e.type for e in events.store.query(vm_id=vm_id, limit=1000)]
 
 
 def listening_recovery(world) -> Recovery:
@@ -279,7 +279,7 @@ async def test_health_service_probes_verdicts_and_unhealthy_callback(world):
     assert report.consecutive_failures >= 3
     assert "did not answer" in (report.last_error or "")
     assert told and told[0].startswith("probe vmm failed 3 times")
-    healths = [e.data["to_health"] for e in events.store.list(type="vm.health")]
+    healths = [e.data["to_health"] for e in events.store.query(type="vm.health")]
     assert healths == ["healthy", "unhealthy"]
     # leaving running stops the probes and the verdict becomes unknown
     await lifecycle.set_state(vm.id, S.ERROR, "VMM killed by SIGKILL")

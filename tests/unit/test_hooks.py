@@ -61,7 +61,7 @@ def service(bus, hooks, python=None) -> HookService:
 
 
 def results(bus) -> list:
-    return bus[0].store.list(type="hook.result", limit=100)
+    return bus[0].store.query(type="hook.result", limit=100)
 
 
 def test_config_is_checked_with_messages_that_say_what_to_fix():

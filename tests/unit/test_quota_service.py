@@ -56,7 +56,7 @@ class FakeVMs:
     def __init__(self, vms: list[VM]) -> None:
         self.vms = vms
 
-    def list(self, state: VMState | None = None) -> list[VM]:
+    def all(self, state: VMState | None = None) -> list[VM]:
         return [v for v in self.vms if state is None or v.state == state]
 
 

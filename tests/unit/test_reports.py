@@ -272,9 +272,9 @@ async def test_reports_list_get_and_errors(day):
     gen, _ = day
     await gen.generate("daily", date(2026, 3, 2))
     await gen.generate("weekly", date(2026, 3, 2))
-    labels = [r["label"] for r in gen.list()]
+    labels = [r["label"] for r in gen.all()]
     assert labels == ["weekly-2026-W10", "daily-2026-03-02"]
-    assert gen.list()[0]["partial"] is True  # the week is not over at 'now'
+    assert gen.all()[0]["partial"] is True  # the week is not over at 'now'
     doc, text = gen.get("daily-2026-03-02")
     assert doc["label"] == "daily-2026-03-02" and text.startswith("stoker daily report")
     with pytest.raises(NotFound):

@@ -124,7 +124,7 @@ class Env:
         return vm
 
     def event_types(self) -> list[str]:
-        return [e.type for e in self.events.store.list(limit=1000)]
+        return [e.type for e in self.events.store.query(limit=1000)]
 
     async def tick_at(self, when: datetime) -> None:
         self.clock.set(when)
@@ -382,7 +382,7 @@ async def test_failed_action_is_recorded_and_published(tmp_path):
     [run] = env.scheduler.runs(row.id)
     assert run.status == "failed"
     assert "changed state while stopping" in run.message
-    failed = env.events.store.list(type="schedule.failed")
+    failed = env.events.store.query(type="schedule.failed")
     assert len(failed) == 1 and failed[0].vm_id == "id-web-server"
     assert failed[0].data["schedule_id"] == row.id
 
@@ -544,7 +544,7 @@ async def test_install_adds_the_daily_report_schedule_once(tmp_path):
     services = _services(db)
     sched.install(services, config, db)
     sched.install(_services(db), config, db)
-    rows = services.extra["scheduler"].list()
+    rows = services.extra["scheduler"].all()
     assert [(r.name, r.action, r.cron, r.options["period"]) for r in rows] == [
         ("daily-report", "report", "5 0 * * *", "daily")
     ]

@@ -121,7 +121,7 @@ async def test_space_check_refuses_and_leaves_nothing(world):
     assert "not enough free disk space" in info.value.detail
     snapdir = lifecycle.paths(lifecycle.get("web").id).snapshots
     assert list(snapdir.iterdir()) == []
-    assert svc.list() == []
+    assert svc.all() == []
 
 
 async def test_prune_follows_policy_keeps_protected_and_frees_files(world):
@@ -152,7 +152,7 @@ async def test_prune_follows_policy_keeps_protected_and_frees_files(world):
 
     done = await svc.prune("web")
     assert [i.id for i in done.remove] == [ids[1]] and done.freed_bytes > 0
-    assert [s.id for s in svc.list("web")] == [ids[0], ids[2], ids[3]]
+    assert [s.id for s in svc.all("web")] == [ids[0], ids[2], ids[3]]
     assert not (Path(svc.get(ids[0]).path).parent / ids[1]).exists()
     assert any(f"snapshot {ids[1]} pruned" in m for m in messages(db))
 
@@ -161,7 +161,7 @@ async def test_prune_follows_policy_keeps_protected_and_frees_files(world):
     svc.set_protected(ids[0], False)
     assert json.loads((Path(svc.get(ids[0]).path) / MANIFEST).read_text())["protected"] is False
     assert await svc.delete(ids[0]) > 0
-    assert [s.id for s in svc.list()] == [ids[2], ids[3]]
+    assert [s.id for s in svc.all()] == [ids[2], ids[3]]
 
 
 async def test_cleanup_at_start_removes_leftovers_and_reindexes(world):
@@ -183,7 +183,7 @@ async def test_cleanup_at_start_removes_leftovers_and_reindexes(world):
     fresh = make()
     fresh.cleanup_leftovers()
     assert sorted(p.name for p in snapdir.iterdir()) == sorted([kept.id, orphan.id])
-    assert sorted(s.id for s in fresh.list()) == sorted([kept.id, orphan.id])
+    assert sorted(s.id for s in fresh.all()) == sorted([kept.id, orphan.id])
     assert not stale.exists()
     assert fresh.interrupted == {lifecycle.get("web").id}
     assert any("removed interrupted snapshot x" in m for m in messages(db))

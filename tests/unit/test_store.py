@@ -90,8 +90,8 @@ def test_event_log_is_bounded_and_filterable(tmp_path):
         events.append(NOW, "vm1" if i % 2 else None, "vm.state" if i % 3 else "alert", f"e{i}", {})
     total = events.db.query_one("SELECT COUNT(*) FROM events")[0]
     assert total <= 1500
-    assert all(e.vm_id == "vm1" for e in events.list(vm_id="vm1"))
-    assert all(e.type.startswith("vm.") for e in events.list(type="vm.*"))
+    assert all(e.vm_id == "vm1" for e in events.query(vm_id="vm1"))
+    assert all(e.type.startswith("vm.") for e in events.query(type="vm.*"))
 
 
 def test_iso_round_trip():

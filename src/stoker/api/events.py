@@ -107,7 +107,7 @@ async def list_events(
     (server-sent events: ``id``, ``event`` = the type, ``data`` = this same JSON object) and
     honours ``Last-Event-ID`` on reconnect.
     """
-    events = svc.events.store.list(
+    events = svc.events.store.query(
         vm_id=_vm_id(svc, vm), since=_since(since), type=type, after_id=after, limit=limit
     )
     return [EventOut.model_validate(e) for e in events]
@@ -144,7 +144,7 @@ async def stream_events(
         try:
             yield ": stoker event stream\n\n"
             if after is not None:
-                for event in svc.events.store.list(
+                for event in svc.events.store.query(
                     vm_id=vm_id, type=type, after_id=after, limit=10_000
                 ):
                     last = event.id

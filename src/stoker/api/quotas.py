@@ -35,7 +35,7 @@ def _quotas(svc: Services) -> QuotaService:
 @router.get("/api/v1/quotas")
 async def list_quotas(svc: Svc) -> list[dict[str, Any]]:
     """Every VM's effective quota, how each limit binds, usage and violation counts."""
-    return _quotas(svc).list()
+    return _quotas(svc).all()
 
 
 @router.get("/api/v1/vms/{ref}/quota")

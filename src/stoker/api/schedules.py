@@ -100,7 +100,7 @@ async def create_schedule(spec: ScheduleSpec, svc: Svc) -> ScheduleOut:
 @router.get("/api/v1/schedules", tags=["schedules"])
 async def list_schedules(svc: Svc) -> list[ScheduleOut]:
     scheduler = _scheduler(svc)
-    return [ScheduleOut.of(row, scheduler) for row in scheduler.list()]
+    return [ScheduleOut.of(row, scheduler) for row in scheduler.all()]
 
 
 @router.get("/api/v1/schedules/{ref}", tags=["schedules"])
@@ -168,7 +168,7 @@ async def schedule_runs(
 
 @router.get("/api/v1/reports", tags=["reports"])
 async def list_reports(svc: Svc) -> list[ReportSummary]:
-    return [ReportSummary(**r) for r in _reports(svc).list()]
+    return [ReportSummary(**r) for r in _reports(svc).all()]
 
 
 @router.get("/api/v1/reports/{label}", tags=["reports"])

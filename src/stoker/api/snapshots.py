@@ -203,7 +203,7 @@ async def create_snapshot(ref: str, svc: Svc, body: CreateSnapshot | None = None
 @router.get("/api/v1/vms/{ref}/snapshots", response_model=list[SnapshotOut])
 async def list_vm_snapshots(ref: str, svc: Svc) -> list[SnapshotOut]:
     """The VM's snapshots, oldest first."""
-    return [SnapshotOut.of(s) for s in _snapshots(svc).list(ref)]
+    return [SnapshotOut.of(s) for s in _snapshots(svc).all(ref)]
 
 
 @router.post(
@@ -251,7 +251,7 @@ async def list_snapshots(
     svc: Svc, vm: Annotated[str | None, Query(description="only this VM (id or name)")] = None
 ) -> list[SnapshotOut]:
     """Every snapshot on this host, oldest first."""
-    return [SnapshotOut.of(s) for s in _snapshots(svc).list(vm)]
+    return [SnapshotOut.of(s) for s in _snapshots(svc).all(vm)]
 
 
 @router.get("/api/v1/snapshots/{snapshot_id}", response_model=SnapshotOut)

@@ -47,7 +47,7 @@ async def list_vms(
         selectors.append((key, value))
     vms = [
         vm
-        for vm in svc.lifecycle.vms.list(state)
+        for vm in svc.lifecycle.vms.all(state)
         if all(vm.spec.labels.get(k) == v for k, v in selectors)
     ]
     # pre-rendered: building and validating 1,000 response models per request was too slow

@@ -522,7 +522,7 @@ class Lifecycle:
 
     async def recover(self) -> None:
         """Re-adopt every VMM that outlived the previous agent; mark the dead ones."""
-        for vm in self.vms.list():
+        for vm in self.vms.all():
             if vm.state not in ACTIVE_STATES:
                 continue
             try:

@@ -240,7 +240,7 @@ class Recovery:
     async def check_watchdogs(self) -> None:
         """One pass: act on every VM that has been in a transient state too long."""
         now = self.clock()
-        for vm in self.lifecycle.vms.list():
+        for vm in self.lifecycle.vms.all():
             limit = self._limit(vm)
             if limit is None:
                 continue
@@ -282,7 +282,7 @@ class Recovery:
 
     async def start(self) -> None:
         """Re-arm retries persisted by a previous agent, then start the watchdog loop."""
-        for vm in self.lifecycle.vms.list():
+        for vm in self.lifecycle.vms.all():
             if vm.next_retry_at is not None and vm.id not in self._timers:
                 self.events.publish(
                     EventType.VM_RESTART_REARMED,

@@ -125,7 +125,7 @@ class ReportGenerator:
         atomic_write_text(self.dir / f"{span.label}.txt", render_text(doc))
         return doc
 
-    def list(self) -> list[dict[str, Any]]:
+    def all(self) -> list[dict[str, Any]]:
         """Reports on disk, newest period first."""
         out = []
         for path in sorted(self.dir.glob("*.json"), reverse=True):
@@ -176,7 +176,7 @@ class ReportGenerator:
         runs = self.schedules.runs_between(span.start, end)
         vm_docs = [
             self._vm(vm, span.start, end, transitions.get(vm.id, []), events, runs)
-            for vm in self.vms.list()
+            for vm in self.vms.all()
         ]
         vm_docs = [d for d in vm_docs if d is not None]
         run_counts = Counter(run.status for run in runs)
@@ -202,7 +202,9 @@ class ReportGenerator:
         found: list[Event] = []
         for prefix in (EventType.VM_HEALTH, "health.*", "quota.*", "snapshot.*"):
             found += [
-                e for e in self.events.list(since=start, type=prefix, limit=1_000_000) if e.at < end
+                e
+                for e in self.events.query(since=start, type=prefix, limit=1_000_000)
+                if e.at < end
             ]
         return found
 

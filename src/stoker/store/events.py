@@ -32,7 +32,7 @@ class EventStore:
                 self._since_trim = 0
         return Event(event_id, at, vm_id, type, message, data)
 
-    def list(
+    def query(
         self,
         vm_id: str | None = None,
         since: datetime | None = None,

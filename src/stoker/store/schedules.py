@@ -111,7 +111,7 @@ class ScheduleStore:
         row = row or self.db.query_one("SELECT * FROM schedules WHERE name = ?", (ref,))
         return _schedule(row) if row is not None else None
 
-    def list(self, enabled: bool | None = None) -> list[ScheduleRecord]:
+    def all(self, enabled: bool | None = None) -> list[ScheduleRecord]:
         if enabled is None:
             rows = self.db.query("SELECT * FROM schedules ORDER BY created_at, id")
         else:

@@ -85,7 +85,7 @@ class SnapshotStore:
         row = self.db.query_one("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
         return _snapshot(row) if row else None
 
-    def list(self, vm_id: str | None = None) -> list[SnapshotRecord]:
+    def all(self, vm_id: str | None = None) -> list[SnapshotRecord]:
         """Oldest first."""
         if vm_id is None:
             rows = self.db.query("SELECT * FROM snapshots ORDER BY created_at, id")

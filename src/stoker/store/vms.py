@@ -98,7 +98,7 @@ class VMStore:
         transitions = self.transitions(row["id"], with_transitions) if with_transitions else ()
         return self._vm(row, transitions)
 
-    def list(self, state: VMState | None = None) -> list[VM]:
+    def all(self, state: VMState | None = None) -> list[VM]:
         if state is None:
             rows = self.db.query("SELECT * FROM vms ORDER BY name")
         else:

@@ -97,7 +97,7 @@ class QuotaMonitor:
 
     async def check_once(self) -> None:
         """One monitoring round over every running VM."""
-        for vm in self.lifecycle.vms.list(VMState.RUNNING):
+        for vm in self.lifecycle.vms.all(VMState.RUNNING):
             vmm = self.lifecycle.vmm(vm.id)
             if vmm is None:
                 continue

@@ -264,8 +264,8 @@ class QuotaService:
                 out["observed"] = {"drives": observed_drives(blocks)}
         return out
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self.view(vm) for vm in self.lifecycle.vms.list()]
+    def all(self) -> list[dict[str, Any]]:
+        return [self.view(vm) for vm in self.lifecycle.vms.all()]
 
     def violation_counts(self, vm_id: str | None = None) -> list[dict[str, Any]]:
         """For reports: every counter, with its VM id."""

@@ -67,7 +67,7 @@ class Actions:
         selector = row.selector or {}
         return [
             vm
-            for vm in self.lifecycle.vms.list()
+            for vm in self.lifecycle.vms.all()
             if all(vm.spec.labels.get(k) == v for k, v in selector.items())
         ]
 

@@ -63,7 +63,7 @@ class ScheduleLoop:
     def seconds_to_next(self) -> float:
         now = self.clock()
         delay = self.config.tick_s
-        for row in self.store.list(enabled=True):
+        for row in self.store.all(enabled=True):
             with contextlib.suppress(Exception):
                 nxt = _next_after(row, now)
                 delay = min(delay, (nxt - now).total_seconds())
@@ -72,7 +72,7 @@ class ScheduleLoop:
     async def tick(self) -> None:
         """Handle every fire that is due now; used by the loop and driven by tests."""
         now = self.clock()
-        for row in self.store.list(enabled=True):
+        for row in self.store.all(enabled=True):
             try:
                 self._check(row, now)
             except Exception:  # one bad schedule must not stop the others

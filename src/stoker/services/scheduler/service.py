@@ -76,8 +76,8 @@ class Scheduler(ScheduleLoop):
             raise NotFound(f"no schedule named or with id {ref!r}")
         return row
 
-    def list(self) -> list[ScheduleRecord]:
-        return self.store.list()
+    def all(self) -> list[ScheduleRecord]:
+        return self.store.all()
 
     def update(self, ref: str, changes: ScheduleUpdate) -> ScheduleRecord:
         current = self.get(ref)

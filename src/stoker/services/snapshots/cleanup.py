@@ -28,8 +28,8 @@ log = logging.getLogger("stoker.snapshots")
 def cleanup_leftovers(ctx: SnapshotContext) -> None:
     """Remove what interrupted work left (temp, half-deleted and verify directories,
     half-restored disks), drop rows whose directory is gone, index orphans."""
-    rows = {s.id: s for s in ctx.store.list()}
-    for vm in ctx.lifecycle.vms.list():
+    rows = {s.id: s for s in ctx.store.all()}
+    for vm in ctx.lifecycle.vms.all():
         snapdir = ctx.lifecycle.paths(vm.id).snapshots
         entries = list(snapdir.iterdir()) if snapdir.is_dir() else []
         for entry in entries:
@@ -116,7 +116,7 @@ async def resume_interrupted(ctx: SnapshotContext, vm: VM, vmm: VMM) -> None:
 def forget_vm(ctx: SnapshotContext, event: Event) -> None:
     """On ``vm.deleted``: its snapshot rows and policy go (its directory went with it)."""
     if event.type == EventType.VM_DELETED and event.vm_id:
-        for snap in ctx.store.list(event.vm_id):
+        for snap in ctx.store.all(event.vm_id):
             ctx.store.delete(snap.id)
         ctx.store.delete_policy(event.vm_id)
         ctx.locks.pop(event.vm_id, None)

@@ -45,7 +45,7 @@ async def prune_snapshots(ctx: SnapshotContext, vm_ref: str, dry_run: bool = Fal
             f'`stoker snapshot set-policy {vm.name} "daily:7,weekly:4"`'
         )
     async with ctx.vm_lock(vm.id):
-        snaps = {s.id: s for s in ctx.store.list(vm.id)}
+        snaps = {s.id: s for s in ctx.store.all(vm.id)}
         decided = retention.plan(snaps.values(), rec.retention, ctx.tz)
         keep = tuple(
             PruneItem(k.id, k.created, k.reasons, snaps[k.id].size_bytes) for k in decided.keep

@@ -55,10 +55,10 @@ class SnapshotService:
     def get(self, snapshot_id: str) -> SnapshotRecord:
         return self.ctx.get(snapshot_id)
 
-    def list(self, vm_ref: str | None = None) -> list[SnapshotRecord]:
+    def all(self, vm_ref: str | None = None) -> list[SnapshotRecord]:
         if vm_ref is None:
-            return self.store.list()
-        return self.store.list(self.lifecycle.get(vm_ref, 0).id)
+            return self.store.all()
+        return self.store.all(self.lifecycle.get(vm_ref, 0).id)
 
     def manifest(self, snap: SnapshotRecord) -> dict[str, Any]:
         return layout.read_manifest(snap)
