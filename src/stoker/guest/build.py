@@ -36,9 +36,11 @@ match the marker line, not the whole log.
 Guest behaviour (see :data:`INIT_SCRIPT` and :data:`CGI_SCRIPTS`): prints
 :data:`READY_MARKER` on the console once httpd listens on port 80; serves
 ``/health`` and ``/cgi-bin/{stop-http,burn,alloc,write-marker,read-marker,
-dd,poweroff,meminfo}``; mounts ``/dev/vda`` at ``/data`` (formats a blank disk when
-the cmdline has ``stoker.mkfs=1``; busybox mke2fs makes ext2, mounted by the
-ext4 driver); ``stoker.fail=1`` crashes before ready (QEMU exits by itself),
+dd,poweroff,meminfo,net,fetch,send,connect,ping}``; takes its address by DHCP
+(busybox ``udhcpc``, hook :data:`UDHCPC_SCRIPT`); mounts ``/dev/vda`` at
+``/data`` (formats a blank disk when the cmdline has ``stoker.mkfs=1``; busybox
+mke2fs makes ext2, mounted by the ext4 driver); ``stoker.fail=1`` crashes before
+ready (QEMU exits by itself),
 ``stoker.nohttp=1`` skips httpd. QMP ``system_powerdown`` powers it off via
 busybox acpid. ``alloc?mb=N`` fills ``/dev/shm`` (tmpfs, 90% of RAM; 507 when
 MemAvailable is short, ``mb=0`` frees). Host RSS barely grows with it: QEMU's RSS
@@ -175,14 +177,16 @@ while [ ! -e /sys/class/net/eth0 ] && [ "$n" -lt 100 ]; do
     usleep 20000
     n=$((n + 1))
 done
+# The address comes by DHCP: from the dnsmasq of a stoker network on a TAP,
+# or from QEMU's user-mode network (10.0.2.15/24 via 10.0.2.2). udhcpc runs
+# in the background (and renews) while the rest boots; the ready marker waits
+# up to ~3 s for the first lease, so a TAP without DHCP costs 3 s, not a hang.
 if [ -e /sys/class/net/eth0 ]; then
-    ip addr add 10.0.2.15/24 dev eth0
     ip link set eth0 up
-    ip route add default via 10.0.2.2
+    udhcpc -f -i eth0 -s /etc/udhcpc.script -t 3 -T 1 -A 2 >/run/udhcpc.log 2>&1 &
 else
     echo "stoker-init: no eth0"
 fi
-echo "nameserver 10.0.2.3" >/etc/resolv.conf
 
 # Optional data disk; best effort, never blocks boot.
 is_blank() { [ -z "$(dd if="$1" bs=65536 count=1 2>/dev/null | tr -d '\000')" ]; }
@@ -215,8 +219,14 @@ fi
 
 # Keep the daemons tests rely on out of the OOM killer's reach (alloc can
 # fill RAM); CGI scripts reset their own score to 0.
-for p in $(pidof acpid httpd); do
+for p in $(pidof acpid httpd udhcpc); do
     echo -1000 >"/proc/$p/oom_score_adj"
+done
+
+n=0
+while [ -e /sys/class/net/eth0 ] && [ ! -e /run/dhcp-bound ] && [ "$n" -lt 150 ]; do
+    usleep 20000
+    n=$((n + 1))
 done
 
 echo "STOKER-GUEST-READY" >/dev/console
@@ -225,6 +235,35 @@ echo "STOKER-GUEST-READY" >/dev/console
 while :; do
     sleep 3600
 done
+"""
+
+UDHCPC_SCRIPT = r"""#!/bin/sh
+# udhcpc event hook: apply the lease to $interface. A renewal that keeps the
+# address changes nothing, so open connections survive it.
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound | renew)
+    want="$ip/${mask:-24}"
+    have=$(ip -o -4 addr show dev "$interface" | sed -n 's/.* inet \([^ ]*\).*/\1/p')
+    if [ "$have" != "$want" ]; then
+        ip -4 addr flush dev "$interface"
+        ip addr add "$want" broadcast "${broadcast:-+}" dev "$interface"
+    fi
+    if [ -n "$router" ]; then
+        ip route replace default via "${router%% *}" dev "$interface"
+    fi
+    : >/etc/resolv.conf
+    for d in $dns; do
+        echo "nameserver $d" >>/etc/resolv.conf
+    done
+    echo "stoker-dhcp: $1 $want via ${router:-none}" >/dev/console
+    : >/run/dhcp-bound
+    ;;
+esac
+exit 0
 """
 
 POWEROFF_SCRIPT = r"""#!/bin/sh
@@ -343,6 +382,75 @@ ok
 echo "powering off"
 detach sh -c 'usleep 200000; exec /sbin/stoker-poweroff'
 """,
+    # Network probes for the managed-network tests: one "key value" per line.
+    "net": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+ok
+echo "mac $(cat /sys/class/net/eth0/address 2>/dev/null)"
+ip -o -4 addr show dev eth0 | sed -n 's/.* inet \([^ ]*\).*/addr4 \1/p'
+ip -o -6 addr show dev eth0 scope global | sed -n 's/.* inet6 \([^ ]*\).*/addr6 \1/p'
+ip -4 route show default | sed -n 's/^default via \([^ ]*\).*/gw4 \1/p'
+ip -6 route show default | sed -n 's/^default via \([^ ]*\).*/gw6 \1/p'
+""",
+    "fetch": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+# GET url= into a counter (nothing stored); timing from /proc/uptime (10 ms).
+url=$(httpd -d "$(param url)")
+[ -n "$url" ] || fail "400 Bad Request" "url= is required"
+t=$(num "$(param timeout)" 60)
+set -o pipefail
+t0=$(uptime_cs)
+bytes=$(timeout -s KILL "$t" wget -q -O - "$url" 2>"/tmp/fetch.$$" | wc -c)
+rc=$?
+t1=$(uptime_cs)
+[ "$rc" -eq 0 ] ||
+    fail "502 Bad Gateway" "wget $url failed ($rc) after $bytes bytes: $(cat "/tmp/fetch.$$")"
+ok
+echo "bytes $bytes"
+echo "ms $(((t1 - t0) * 10))"
+""",
+    "send": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+# Push kb= KiB of zeros to a TCP listener (host=, port=): the guest-transmit direction.
+host=$(httpd -d "$(param host)")
+port=$(num "$(param port)" 0)
+kb=$(num "$(param kb)" 1024)
+t=$(num "$(param timeout)" 60)
+t0=$(uptime_cs)
+dd if=/dev/zero bs=1024 count="$kb" 2>/dev/null | timeout -s KILL "$t" nc "$host" "$port"
+rc=$?
+t1=$(uptime_cs)
+[ "$rc" -eq 0 ] || fail "502 Bad Gateway" "nc $host $port failed ($rc)"
+ok
+echo "bytes $((kb * 1024))"
+echo "ms $(((t1 - t0) * 10))"
+""",
+    "connect": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+# Can a TCP connection to host=:port= be opened within timeout= s? Always 200.
+host=$(httpd -d "$(param host)")
+port=$(num "$(param port)" 80)
+t=$(num "$(param timeout)" 2)
+ok
+if err=$(timeout -s KILL "$((t + 1))" nc -w "$t" "$host" "$port" </dev/null 2>&1); then
+    echo "open"
+else
+    echo "closed ${err}"
+fi
+""",
+    "ping": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+# ICMP echo to host= (count= probes, 1 s each at most). Always 200.
+host=$(httpd -d "$(param host)")
+c=$(num "$(param count)" 1)
+ok
+if out=$(ping -c "$c" -W 1 "$host" 2>&1); then
+    echo "reachable"
+else
+    echo "unreachable"
+fi
+printf '%s\n' "$out" | tail -n 2
+""",
 }
 
 
@@ -434,6 +542,7 @@ def recipe_hash() -> str:
         BASE_CMDLINE,
         READY_MARKER,
         INIT_SCRIPT,
+        UDHCPC_SCRIPT,
         POWEROFF_SCRIPT,
         CGI_LIB,
         json.dumps(dict(CGI_SCRIPTS), sort_keys=True),
@@ -735,6 +844,7 @@ def _populate_rootfs(root: Path, moddir: Path, order: list[str]) -> None:
 
     _write(root / "init", INIT_SCRIPT, 0o755)
     _write(root / "sbin/stoker-poweroff", POWEROFF_SCRIPT, 0o755)
+    _write(root / "etc/udhcpc.script", UDHCPC_SCRIPT, 0o755)
     _write(root / "etc/acpi/PWRF/00000080", "#!/bin/sh\nexec /sbin/stoker-poweroff\n", 0o755)
     _write(root / "lib/stoker/cgi.sh", CGI_LIB)
     _write(root / "www/health", "ok\n")
