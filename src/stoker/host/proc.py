@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +67,20 @@ def find_processes_with_arg(fragment: str) -> list[int]:
 
 
 def spawn_detached(
-    argv: Sequence[str], log_path: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+    argv: Sequence[str],
+    log_path: Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session with output to ``log_path``, never to a pipe.
 
     Its own session keeps it out of the agent's process group, so a Ctrl-C or a SIGTERM to
     the agent's group never reaches a VMM; files instead of pipes mean a dead agent never
-    blocks a VMM's writes.
+    blocks a VMM's writes. ``env`` replaces the agent's environment (None inherits it; pass
+    ``stoker.host.confine.minimal_env()`` so no token leaks). ``pass_fds`` are inherited under
+    the same numbers (disks, sockets, TAP queues handed to the VMM); every other descriptor
+    is closed in the child.
     """
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(
@@ -82,9 +89,10 @@ def spawn_detached(
             stdout=log,
             stderr=log,
             cwd=cwd,
-            env=env,
+            env=dict(env) if env is not None else None,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
         )
 
 

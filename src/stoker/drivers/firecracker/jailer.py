@@ -3,18 +3,21 @@
 The jailer chroots Firecracker under ``<chroot_base>/<exec name>/<id>/root``, drops to
 ``--uid``/``--gid``, joins ``--netns`` and puts the process in a cgroup. It does not put the
 kernel or disks in the jail, nor remove the jail afterwards: that is the caller's job, done
-here. Everything Firecracker is told through its API is a path *inside* the jail.
+here. Everything Firecracker is told through its API is a path *inside* the jail. Files go
+into the jail as private copies (or bind mounts), never as hard links of the original.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stoker.domain.units import cgroup_v2_cpu_max, cpu_percent_to_cfs
 
@@ -139,34 +142,111 @@ def prepare_jail(jail: JailPaths, uid: int, gid: int) -> None:
         _chown(d, uid, gid)
 
 
-def link_into_jail(src: Path, jail: JailPaths, name: str, uid: int, gid: int) -> str:
-    """Hard-link ``src`` into the jail root (copy across file systems); return the in-jail path.
+PlaceMethod = Literal["copy", "bind"]
 
-    A hard link costs nothing and keeps one copy of a large disk; ownership must change so
-    the unprivileged Firecracker can open it, which also changes the original (same inode).
+
+def place_in_jail(
+    src: Path,
+    jail: JailPaths,
+    name: str,
+    uid: int,
+    gid: int,
+    *,
+    writable: bool = True,
+    method: PlaceMethod = "copy",
+) -> str:
+    """Put ``src`` into the jail root as ``name`` for the jailed uid; return the in-jail path.
+
+    The original is never re-owned, re-moded or hard-linked: a hard link shares the inode,
+    so chowning it for the jailed user would hand the original (a pool image, another VM's
+    disk) to that user. ``copy`` makes a private copy (``cp --reflink=auto``: free on
+    reflink file systems such as XFS or Btrfs) owned by ``uid``:``gid``, 0600 (0400 when
+    not ``writable``); it is staged outside the chroot and renamed in, so a symlink planted
+    at ``name`` by the jailed user is replaced, never followed. ``bind`` bind-mounts the
+    original (read-only unless ``writable``) and keeps its owner: only for files the jailed
+    uid may already open, such as a VM's own disk owned by its uid. A copy of a writable
+    disk is the disk the VM writes: keep it, or copy it back, if the writes must last.
     """
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"jail file name must be a plain file name: {name!r}")
+    if method not in ("copy", "bind"):
+        raise ValueError(f"method must be 'copy' or 'bind', not {method!r}")
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is not a regular file")
     dest = jail.root / name
-    with contextlib.suppress(FileNotFoundError):
-        dest.unlink()
-    try:
-        os.link(src, dest)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copy2(src, dest)
-    _chown(dest, uid, gid)
+    if method == "bind":
+        _bind_into(src, dest, writable)
+        return "/" + name
+    staging = jail.base / ".staging"
+    staging.mkdir(mode=0o700, exist_ok=True)
+    staged = staging / name
+    staged.unlink(missing_ok=True)
+    done = subprocess.run(
+        ["cp", "--reflink=auto", "--sparse=always", "--", str(src), str(staged)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C"},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise OSError(f"copying {src} into the jail failed: {done.stderr.strip()}")
+    _chown(staged, uid, gid)
+    os.chmod(staged, 0o600 if writable else 0o400)
+    os.rename(staged, dest)
     return "/" + name
 
 
-def clean_jail(jail: JailPaths, cgroup_dirs: Sequence[Path] = ()) -> None:
-    """Remove the jail (links, sockets, snapshots left inside) and the VM's empty cgroups.
+def link_into_jail(src: Path, jail: JailPaths, name: str, uid: int, gid: int) -> str:
+    """Kept for callers of the old name: it copies now (see ``place_in_jail``), never links."""
+    return place_in_jail(src, jail, name, uid, gid)
 
-    Only call this after Firecracker exited. Removing the hard links leaves the originals.
+
+def _bind_into(src: Path, dest: Path, writable: bool) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        dest.unlink()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    _mount(["--bind", str(src), str(dest)])
+    if not writable:
+        _mount(["-o", "remount,bind,ro,nosuid,nodev", str(dest)])
+
+
+def _mount(args: Sequence[str], tool: str = "mount") -> None:
+    done = subprocess.run(
+        [tool, *args], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False
+    )
+    if done.returncode != 0:
+        raise OSError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+def mounts_under(base: Path, mountinfo: str | None = None) -> list[Path]:
+    """Mount points at or below ``base``, deepest first (from /proc/self/mountinfo)."""
+    text = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        # the mount point is octal-escaped: "\040" for a space, and so on
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+        if point == base or base in point.parents:
+            found.append(point)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def clean_jail(jail: JailPaths, cgroup_dirs: Sequence[Path] = ()) -> None:
+    """Remove the jail (copies, sockets, snapshots left inside) and the VM's empty cgroups.
+
+    Only call this after Firecracker exited. Bind mounts are unmounted first, and nothing is
+    removed while one remains: deleting through a mount would delete the original.
     """
     if jail.base.name in ("", "/") or len(jail.base.parts) < 3:
         raise ValueError(f"refusing to remove suspicious jail path {jail.base}")
+    for point in mounts_under(jail.base):
+        _mount([str(point)], tool="umount")
+    left = mounts_under(jail.base)
+    if left:
+        raise OSError(f"not removing {jail.base}: still mounted at {', '.join(map(str, left))}")
     shutil.rmtree(jail.base, ignore_errors=True)
     for d in cgroup_dirs:
         with contextlib.suppress(FileNotFoundError, OSError):
