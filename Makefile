@@ -24,6 +24,8 @@ integration: sysdeps deps guest
 
 lint: deps
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 bench: sysdeps deps guest
 	$(BIN)/python -m bench.lifecycle

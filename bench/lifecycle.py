@@ -43,12 +43,12 @@ def stoker_round(agent: AgentProcess, name: str) -> tuple[float, float]:
         began = time.perf_counter()
         vm = api.start_vm(name, wait=True, timeout_s=120)
         ready = time.perf_counter() - began
-        if vm["state"] != "running":
-            raise RuntimeError(f"{name} did not come up: {vm['state_reason']}")
+        if vm.state != "running":
+            raise RuntimeError(f"{name} did not come up: {vm.state_reason}")
         began = time.perf_counter()
         vm = api.stop_vm(name, graceful=False)
         stop = time.perf_counter() - began
-        assert vm["state"] == "stopped", vm
+        assert vm.state == "stopped", vm
     return ready, stop
 
 

@@ -54,9 +54,9 @@ def kill_round(agent: AgentProcess, name: str, port: int) -> tuple[float, float]
     """SIGKILL the VMM; return (detection s, recovery s)."""
     with agent.client() as api:
         vm = api.get_vm(name)
-        assert vm["state"] == "running", vm
-        last = max([e["id"] for e in api.events(vm=name, limit=1)] or [0])
-        pid = vm["process"]["pid"]
+        assert vm.state == "running" and vm.process is not None, vm
+        last = max([e.id for e in api.events(vm=name, limit=1)] or [0])
+        pid = vm.process.pid
         wall = datetime.now(UTC)
         began = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
@@ -69,13 +69,13 @@ def kill_round(agent: AgentProcess, name: str, port: int) -> tuple[float, float]
         error = next(
             e
             for e in api.events(vm=name, type="vm.state", after=last, limit=100)
-            if e["data"]["to_state"] == "error"
+            if e.data["to_state"] == "error"
         )
-        at = datetime.fromisoformat(error["at"].replace("Z", "+00:00"))
+        at = error.at
         detection = (at - wall).total_seconds()
         # let it settle to running before the next round
         deadline = time.monotonic() + 60
-        while api.get_vm(name)["state"] != "running" and time.monotonic() < deadline:
+        while api.get_vm(name).state != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
     return detection, recovery
 

@@ -25,6 +25,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from qemu.qmp import QMPClient
@@ -51,6 +52,13 @@ async def _qmp(sock: Path) -> QMPClient:
             await asyncio.sleep(POLL_S)
 
 
+async def _query(qmp: QMPClient, command: str) -> dict[str, Any]:
+    """A QMP query's answer (qemu.qmp types every answer as ``object``)."""
+    answer = await qmp.execute(command)
+    assert isinstance(answer, dict), answer
+    return answer
+
+
 async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]:
     raw = RawQemu(spec, "rawsnap-")
     state = raw.paths.root / "state.bin"
@@ -63,7 +71,7 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
         await qmp.execute("stop")
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
         await qmp.execute("migrate", {"uri": f"exec:cat > '{state}'"})
-        while (await qmp.execute("query-migrate")).get("status") != "completed":
+        while (await _query(qmp, "query-migrate")).get("status") != "completed":
             await asyncio.sleep(POLL_S)
         await qmp.execute("cont")
         save = time.perf_counter() - began
@@ -73,10 +81,10 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
         raw.kill()
         raw.launch(["-incoming", f"exec:cat '{state}'"])
         qmp = await _qmp(raw.paths.control_socket)
-        while (await qmp.execute("query-status"))["status"] != "paused":
+        while (await _query(qmp, "query-status"))["status"] != "paused":
             await asyncio.sleep(POLL_S)
         await qmp.execute("cont")
-        while not (await qmp.execute("query-status"))["running"]:
+        while not (await _query(qmp, "query-status"))["running"]:
             await asyncio.sleep(POLL_S)
         restore = time.perf_counter() - began
         await qmp.disconnect()
@@ -92,12 +100,13 @@ def stoker_round(agent: AgentProcess, name: str, port: int) -> tuple[float, floa
         snap = api.create_snapshot(name)
         save = time.perf_counter() - began
         began = time.perf_counter()
-        vm = api.restore_snapshot(snap["id"])["vm"]
+        vm = api.restore_snapshot(snap.id).vm
         restore = time.perf_counter() - began
-        assert vm["state"] == "running", vm
+        assert vm.state == "running", vm
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 30)
-        api.delete_snapshot(snap["id"])
-        return save, restore, float(snap["pause_s"])
+        api.delete_snapshot(snap.id)
+        assert snap.pause_s is not None, snap  # a snapshot of a running VM pauses it
+        return save, restore, snap.pause_s
 
 
 def plan_timing(count: int = 100_000, repeats: int = 5) -> tuple[float, int, int]:
@@ -141,7 +150,7 @@ async def main() -> None:
     try:
         with agent.client() as api:
             api.create_vm(guest_spec("snapbench", stoker_port))
-            assert api.start_vm("snapbench", wait=True, timeout_s=90)["state"] == "running"
+            assert api.start_vm("snapbench", wait=True, timeout_s=90).state == "running"
         wait_for(lambda: http_get(f"http://127.0.0.1:{stoker_port}/health"), 30)
         for index in range(args.rounds):
             raw_save, raw_restore = await raw_round(raw_spec, marker, raw_port)

@@ -93,21 +93,30 @@ class AgentProcess:
         data_dir: Path | None = None,
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        module: str | None = None,
     ) -> None:
         self.data_dir = data_dir or short_tmpdir()
         self.socket = self.data_dir / "stoker.sock"
         self.env = env or {}
         #: run the agent under this command, e.g. ``ip netns exec NS``
         self.wrapper = list(wrapper)
+        #: run ``python -m MODULE`` instead of ``stoker agent``: a test-only agent from
+        #: ``tests.agents`` (e.g. ``tests.agents.slow_save``) that wraps a driver
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.data_dir / "agent.log"
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         env = {**os.environ, "STOKER_DATA_DIR": str(self.data_dir), **self.env}
         env.pop("STOKER_SOCKET", None)
+        command = ["-m", "stoker.cli.main", "agent"]
+        if self.module is not None:
+            command = ["-m", self.module]
+            # the module lives in this repository's tests package, wherever pytest runs from
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "stoker.cli.main", "agent"],
+                [*self.wrapper, sys.executable, *command],
                 env=env,
                 stdout=log,
                 stderr=log,

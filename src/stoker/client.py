@@ -2,6 +2,8 @@
 
 Like httpx itself, it hides the network behind a transport: a Unix socket by default
 (``STOKER_SOCKET`` or the agent's default path), or a URL with a bearer token for TCP.
+Every method returns the wire models of :mod:`stoker.wire`, the same ones the API answers
+with: ``api.get_vm("web").state``, ``api.get_vm("web").process.pid``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,35 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
+
+from stoker.domain.spec import VMSpec
+from stoker.wire import (
+    AutoSnapshotOut,
+    ConsoleOut,
+    EventOut,
+    HealthOut,
+    PolicyIn,
+    PolicyOut,
+    PruneOut,
+    QuotaOut,
+    ReportOut,
+    ReportSummary,
+    ResourcesOut,
+    RestartRequest,
+    RestoreOut,
+    RunOut,
+    ScheduleOut,
+    SnapshotOut,
+    StopRequest,
+    VersionOut,
+    VMMetricsList,
+    VMMetricsOut,
+    VMOut,
+)
 
 DEFAULT_SOCKET = Path("/var/lib/stoker/stoker.sock")
 
@@ -113,74 +141,78 @@ class Client:
 
     # ------------------------------------------------------------------------------ VMs
 
-    def create_vm(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/vms", json=spec)
+    def create_vm(self, spec: VMSpec | dict[str, Any]) -> VMOut:
+        body = (
+            spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, VMSpec) else spec
+        )
+        return VMOut.model_validate(self.request("POST", "/api/v1/vms", json=body))
 
-    def list_vms(
-        self, state: str | None = None, labels: list[str] | None = None
-    ) -> list[dict[str, Any]]:
+    def list_vms(self, state: str | None = None, labels: list[str] | None = None) -> list[VMOut]:
         params: dict[str, Any] = {}
         if state:
             params["state"] = state
         if labels:
             params["label"] = labels
-        return self.request("GET", "/api/v1/vms", params=params)
+        return _list(VMOut, self.request("GET", "/api/v1/vms", params=params))
 
-    def get_vm(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/vms/{ref}")
+    def get_vm(self, ref: str) -> VMOut:
+        return VMOut.model_validate(self.request("GET", f"/api/v1/vms/{ref}"))
 
     def delete_vm(self, ref: str, force: bool = False) -> None:
         self.request("DELETE", f"/api/v1/vms/{ref}", params={"force": force})
 
-    def start_vm(self, ref: str, wait: bool = True, timeout_s: float = 300) -> dict[str, Any]:
-        return self.request(
-            "POST", f"/api/v1/vms/{ref}/start", params={"wait": wait, "timeout_s": timeout_s}
+    def start_vm(self, ref: str, wait: bool = True, timeout_s: float = 300) -> VMOut:
+        return VMOut.model_validate(
+            self.request(
+                "POST", f"/api/v1/vms/{ref}/start", params={"wait": wait, "timeout_s": timeout_s}
+            )
         )
 
-    def stop_vm(
-        self, ref: str, graceful: bool = True, timeout_s: float | None = None
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"graceful": graceful}
-        if timeout_s is not None:
-            body["timeout_s"] = timeout_s
-        return self.request("POST", f"/api/v1/vms/{ref}/stop", json=body)
+    def stop_vm(self, ref: str, graceful: bool = True, timeout_s: float | None = None) -> VMOut:
+        body = StopRequest(graceful=graceful, timeout_s=timeout_s)
+        return VMOut.model_validate(
+            self.request("POST", f"/api/v1/vms/{ref}/stop", json=body.model_dump(exclude_none=True))
+        )
 
     def restart_vm(
         self, ref: str, graceful: bool = True, wait: bool = True, timeout_s: float = 300
-    ) -> dict[str, Any]:
-        return self.request(
+    ) -> VMOut:
+        answer = self.request(
             "POST",
             f"/api/v1/vms/{ref}/restart",
-            json={"graceful": graceful},
+            json=RestartRequest(graceful=graceful).model_dump(),
             params={"wait": wait, "timeout_s": timeout_s},
         )
+        return VMOut.model_validate(answer)
 
-    def vm_health(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/vms/{ref}/health")
+    def vm_health(self, ref: str) -> HealthOut:
+        return HealthOut.model_validate(self.request("GET", f"/api/v1/vms/{ref}/health"))
 
-    def console(self, ref: str, size: int = 16384) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/vms/{ref}/console", params={"bytes": size})
+    def console(self, ref: str, size: int = 16384) -> ConsoleOut:
+        answer = self.request("GET", f"/api/v1/vms/{ref}/console", params={"bytes": size})
+        return ConsoleOut.model_validate(answer)
 
-    def version(self) -> dict[str, Any]:
-        return self.request("GET", "/api/v1/version")
+    def version(self) -> VersionOut:
+        return VersionOut.model_validate(self.request("GET", "/api/v1/version"))
 
     # ------------------------------------------------------------------------ resources
 
-    def resources(self, history: str | None = None) -> dict[str, Any]:
+    def resources(self, history: str | None = None) -> ResourcesOut:
         """Capacity, allocations, usage, predictions, alerts; node samples over ``history``
         (a duration such as "1h") when given."""
         params: dict[str, Any] = {}
         if history:
             params = {"history": True, "duration": history}
-        return self.request("GET", "/api/v1/resources", params=params)
+        return ResourcesOut.model_validate(self.request("GET", "/api/v1/resources", params=params))
 
-    def vms_metrics(self) -> dict[str, Any]:
+    def vms_metrics(self) -> VMMetricsList:
         """The latest usage of every running VM."""
-        return self.request("GET", "/api/v1/vms/metrics")
+        return VMMetricsList.model_validate(self.request("GET", "/api/v1/vms/metrics"))
 
-    def vm_metrics(self, ref: str, duration: str = "1h") -> dict[str, Any]:
+    def vm_metrics(self, ref: str, duration: str = "1h") -> VMMetricsOut:
         """One VM's latest usage and its history over ``duration``."""
-        return self.request("GET", f"/api/v1/vms/{ref}/metrics", params={"duration": duration})
+        answer = self.request("GET", f"/api/v1/vms/{ref}/metrics", params={"duration": duration})
+        return VMMetricsOut.model_validate(answer)
 
     def prometheus_metrics(self) -> str:
         """The Prometheus text exposition of ``/metrics``."""
@@ -188,21 +220,21 @@ class Client:
 
     # ---------------------------------------------------------------------------- quotas
 
-    def get_quota(self, ref: str) -> dict[str, Any]:
+    def get_quota(self, ref: str) -> QuotaOut:
         """The VM's quota, how each limit binds, its usage and violation counts."""
-        return self.request("GET", f"/api/v1/vms/{ref}/quota")
+        return QuotaOut.model_validate(self.request("GET", f"/api/v1/vms/{ref}/quota"))
 
-    def set_quota(self, ref: str, **limits: Any) -> dict[str, Any]:
+    def set_quota(self, ref: str, **limits: Any) -> QuotaOut:
         """Replace the VM's override: cpu_percent, memory_mib, disk_gib, disk_iops,
         disk_bytes_per_s, network_mbps, network_pps (unset ones follow the defaults)."""
         body = {k: v for k, v in limits.items() if v is not None}
-        return self.request("PUT", f"/api/v1/vms/{ref}/quota", json=body)
+        return QuotaOut.model_validate(self.request("PUT", f"/api/v1/vms/{ref}/quota", json=body))
 
-    def remove_quota(self, ref: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/v1/vms/{ref}/quota")
+    def remove_quota(self, ref: str) -> QuotaOut:
+        return QuotaOut.model_validate(self.request("DELETE", f"/api/v1/vms/{ref}/quota"))
 
-    def list_quotas(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/quotas")
+    def list_quotas(self) -> list[QuotaOut]:
+        return _list(QuotaOut, self.request("GET", "/api/v1/quotas"))
 
     # ------------------------------------------------------------------------- snapshots
 
@@ -212,59 +244,63 @@ class Client:
         kind: str = "manual",
         tags: list[str] | None = None,
         protected: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> SnapshotOut:
         """Snapshot a VM (kind ``manual`` or ``pre-update``); answers when it is complete."""
         body: dict[str, Any] = {"kind": kind, "tags": tags or []}
         if protected is not None:
             body["protected"] = protected
-        return self.request("POST", f"/api/v1/vms/{ref}/snapshots", json=body)
+        answer = self.request("POST", f"/api/v1/vms/{ref}/snapshots", json=body)
+        return SnapshotOut.model_validate(answer)
 
-    def list_snapshots(self, ref: str | None = None) -> list[dict[str, Any]]:
-        if ref is None:
-            return self.request("GET", "/api/v1/snapshots")
-        return self.request("GET", f"/api/v1/vms/{ref}/snapshots")
+    def list_snapshots(self, ref: str | None = None) -> list[SnapshotOut]:
+        path = "/api/v1/snapshots" if ref is None else f"/api/v1/vms/{ref}/snapshots"
+        return _list(SnapshotOut, self.request("GET", path))
 
-    def get_snapshot(self, snapshot_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/snapshots/{snapshot_id}")
+    def get_snapshot(self, snapshot_id: str) -> SnapshotOut:
+        return SnapshotOut.model_validate(self.request("GET", f"/api/v1/snapshots/{snapshot_id}"))
 
     def delete_snapshot(self, snapshot_id: str, force: bool = False) -> None:
         self.request("DELETE", f"/api/v1/snapshots/{snapshot_id}", params={"force": force})
 
-    def restore_snapshot(self, snapshot_id: str) -> dict[str, Any]:
-        """Returns ``{"snapshot": ..., "vm": ...}`` once the VM runs again."""
-        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/restore")
+    def restore_snapshot(self, snapshot_id: str) -> RestoreOut:
+        """The snapshot and the VM, once the VM runs again."""
+        answer = self.request("POST", f"/api/v1/snapshots/{snapshot_id}/restore")
+        return RestoreOut.model_validate(answer)
 
-    def verify_snapshot(self, snapshot_id: str, deep: bool = False) -> dict[str, Any]:
-        return self.request(
+    def verify_snapshot(self, snapshot_id: str, deep: bool = False) -> SnapshotOut:
+        answer = self.request(
             "POST", f"/api/v1/snapshots/{snapshot_id}/verify", params={"deep": deep}
         )
+        return SnapshotOut.model_validate(answer)
 
-    def protect_snapshot(self, snapshot_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/protect")
+    def protect_snapshot(self, snapshot_id: str) -> SnapshotOut:
+        answer = self.request("POST", f"/api/v1/snapshots/{snapshot_id}/protect")
+        return SnapshotOut.model_validate(answer)
 
-    def unprotect_snapshot(self, snapshot_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/snapshots/{snapshot_id}/unprotect")
+    def unprotect_snapshot(self, snapshot_id: str) -> SnapshotOut:
+        answer = self.request("POST", f"/api/v1/snapshots/{snapshot_id}/unprotect")
+        return SnapshotOut.model_validate(answer)
 
     def set_snapshot_policy(
         self, ref: str, retention: str | None, interval: str | None = None
-    ) -> dict[str, Any]:
-        return self.request(
-            "PUT",
-            f"/api/v1/vms/{ref}/snapshot-policy",
-            json={"retention": retention, "interval": interval},
-        )
+    ) -> PolicyOut:
+        body = PolicyIn(retention=retention, interval=interval)
+        answer = self.request("PUT", f"/api/v1/vms/{ref}/snapshot-policy", json=body.model_dump())
+        return PolicyOut.model_validate(answer)
 
-    def get_snapshot_policy(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/vms/{ref}/snapshot-policy")
+    def get_snapshot_policy(self, ref: str) -> PolicyOut:
+        return PolicyOut.model_validate(self.request("GET", f"/api/v1/vms/{ref}/snapshot-policy"))
 
-    def auto_snapshot(self, ref: str) -> dict[str, Any]:
+    def auto_snapshot(self, ref: str) -> AutoSnapshotOut:
         """An automatic snapshot now, then pruning by the VM's policy."""
-        return self.request("POST", f"/api/v1/vms/{ref}/snapshots/auto")
+        answer = self.request("POST", f"/api/v1/vms/{ref}/snapshots/auto")
+        return AutoSnapshotOut.model_validate(answer)
 
-    def prune_snapshots(self, ref: str, dry_run: bool = False) -> dict[str, Any]:
-        return self.request(
+    def prune_snapshots(self, ref: str, dry_run: bool = False) -> PruneOut:
+        answer = self.request(
             "POST", f"/api/v1/vms/{ref}/snapshots/prune", params={"dry_run": dry_run}
         )
+        return PruneOut.model_validate(answer)
 
     # ------------------------------------------------------------------------- schedules
 
@@ -275,51 +311,57 @@ class Client:
         vm: str | None = None,
         selector: dict[str, str] | None = None,
         **fields: Any,
-    ) -> dict[str, Any]:
+    ) -> ScheduleOut:
         """fields: name, tz, spread_s, grace_s, enabled, options."""
         body: dict[str, Any] = {"action": action, "cron": cron, **fields}
         if vm is not None:
             body["vm"] = vm
         if selector is not None:
             body["selector"] = selector
-        return self.request("POST", "/api/v1/schedules", json=body)
+        return ScheduleOut.model_validate(self.request("POST", "/api/v1/schedules", json=body))
 
-    def list_schedules(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/schedules")
+    def list_schedules(self) -> list[ScheduleOut]:
+        return _list(ScheduleOut, self.request("GET", "/api/v1/schedules"))
 
-    def get_schedule(self, ref: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/schedules/{ref}")
+    def get_schedule(self, ref: str) -> ScheduleOut:
+        return ScheduleOut.model_validate(self.request("GET", f"/api/v1/schedules/{ref}"))
 
-    def update_schedule(self, ref: str, **changes: Any) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/v1/schedules/{ref}", json=changes)
+    def update_schedule(self, ref: str, **changes: Any) -> ScheduleOut:
+        answer = self.request("PATCH", f"/api/v1/schedules/{ref}", json=changes)
+        return ScheduleOut.model_validate(answer)
 
     def delete_schedule(self, ref: str) -> None:
         self.request("DELETE", f"/api/v1/schedules/{ref}")
 
-    def enable_schedule(self, ref: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/schedules/{ref}/enable")
+    def enable_schedule(self, ref: str) -> ScheduleOut:
+        return ScheduleOut.model_validate(self.request("POST", f"/api/v1/schedules/{ref}/enable"))
 
-    def disable_schedule(self, ref: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/schedules/{ref}/disable")
+    def disable_schedule(self, ref: str) -> ScheduleOut:
+        answer = self.request("POST", f"/api/v1/schedules/{ref}/disable")
+        return ScheduleOut.model_validate(answer)
 
-    def run_schedule(self, ref: str, wait: bool = False) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/schedules/{ref}/run", params={"wait": wait})
+    def run_schedule(self, ref: str, wait: bool = False) -> RunOut:
+        answer = self.request("POST", f"/api/v1/schedules/{ref}/run", params={"wait": wait})
+        return RunOut.model_validate(answer)
 
-    def schedule_runs(self, ref: str, limit: int = 50) -> list[dict[str, Any]]:
-        return self.request("GET", f"/api/v1/schedules/{ref}/runs", params={"limit": limit})
+    def schedule_runs(self, ref: str, limit: int = 50) -> list[RunOut]:
+        answer = self.request("GET", f"/api/v1/schedules/{ref}/runs", params={"limit": limit})
+        return _list(RunOut, answer)
 
     # --------------------------------------------------------------------------- reports
 
-    def list_reports(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/reports")
+    def list_reports(self) -> list[ReportSummary]:
+        return _list(ReportSummary, self.request("GET", "/api/v1/reports"))
 
-    def get_report(self, label: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/reports/{label}")
+    def get_report(self, label: str) -> ReportOut:
+        return ReportOut.model_validate(self.request("GET", f"/api/v1/reports/{label}"))
 
-    def generate_report(self, period: str, day: str | None = None) -> dict[str, Any]:
+    def generate_report(self, period: str, day: str | None = None) -> ReportOut:
         """period: daily, weekly or monthly; day: YYYY-MM-DD inside it (default today)."""
         params = {"date": day} if day else {}
-        return self.request("POST", f"/api/v1/reports/{period}", params=params)
+        return ReportOut.model_validate(
+            self.request("POST", f"/api/v1/reports/{period}", params=params)
+        )
 
     # ---------------------------------------------------------------------------- events
 
@@ -330,23 +372,35 @@ class Client:
         type: str | None = None,
         after: int | None = None,
         limit: int = 100,
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventOut]:
         """Logged events, oldest first; ``since`` is an ISO time or a duration ('10m')."""
         params: dict[str, Any] = {"limit": limit}
         for key, value in (("vm", vm), ("since", since), ("type", type), ("after", after)):
             if value is not None:
                 params[key] = value
-        return self.request("GET", "/api/v1/events", params=params)
+        return _list(EventOut, self.request("GET", "/api/v1/events", params=params))
 
     def stream_events(
         self, vm: str | None = None, type: str | None = None, after: int | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Events as they happen (server-sent events), each a dict like ``events()`` gives."""
+    ) -> Iterator[EventOut]:
+        """Events as they happen (server-sent events), each as ``events()`` gives them."""
         params = {k: v for k, v in (("vm", vm), ("type", type), ("after", after)) if v is not None}
         for line in self.stream_lines("/api/v1/events/stream", **params):
             if line.startswith("data:"):
-                yield json.loads(line[5:].strip())
+                yield EventOut.model_validate_json(line[5:].strip())
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _list(model: type[_Model], answer: Any) -> list[_Model]:
+    return [model.model_validate(item) for item in answer]
 
 
 def dumps(value: Any) -> str:
+    """JSON for people: models (and lists of them) as the API wrote them, sorted keys."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list | tuple) and value and isinstance(value[0], BaseModel):
+        value = [v.model_dump(mode="json") for v in value]
     return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -1,10 +1,12 @@
 """A real Firecracker guest: boot, graceful and forced stop, pause, snapshot, restore.
 
-Runs only where Firecracker can: ``STOKER_FIRECRACKER_BIN`` names a binary and KVM really
+Runs only where Firecracker can: ``STOKER_FIRECRACKER_BIN`` names a Firecracker executable
+(the only place these tests take it from: never PATH, never a config file) and KVM really
 runs guests (``stoker.host.kvm.cached_probe``; /dev/kvm alone is not enough). The guest
 is ``STOKER_FC_KERNEL`` (an uncompressed vmlinux on x86_64) with ``STOKER_FC_INITRD``
 and/or ``STOKER_FC_ROOTFS`` (a raw image); ``STOKER_FC_READY_MARKER`` is an optional
-console line meaning "ready". Elsewhere every test is skipped with the reason.
+console line meaning "ready". Elsewhere every test is skipped, the reason naming what is
+missing.
 """
 
 from __future__ import annotations
@@ -20,22 +22,37 @@ import pytest
 
 from stoker.domain.spec import VMSpec
 from stoker.drivers.base import VMPaths
-from stoker.drivers.firecracker.driver import FirecrackerConfig, FirecrackerDriver, FirecrackerVMM
+from stoker.drivers.firecracker.driver import FirecrackerDriver, FirecrackerOptions, FirecrackerVMM
 
 pytestmark = pytest.mark.integration
 
+BINARY_ENV = "STOKER_FIRECRACKER_BIN"
+
+
+def _binary_from_env() -> tuple[Path | None, str | None]:
+    """The executable ``STOKER_FIRECRACKER_BIN`` names, or why there is none."""
+    value = os.environ.get(BINARY_ENV)
+    if not value:
+        return None, (
+            f"{BINARY_ENV} is not set: these tests run the Firecracker binary it names, and "
+            "only that one"
+        )
+    binary = Path(value)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        return None, f"{BINARY_ENV}={value} is not the path of an executable file"
+    return binary.resolve(), None
+
 
 def _skip_reason() -> str | None:
-    binary = os.environ.get("STOKER_FIRECRACKER_BIN")
-    if not binary:
-        return "STOKER_FIRECRACKER_BIN is not set: no Firecracker binary on this machine"
-    if not os.access(binary, os.X_OK):
-        return f"STOKER_FIRECRACKER_BIN={binary} is not an executable file"
+    binary, missing = _binary_from_env()
+    if binary is None:
+        # the KVM probe costs a second: only worth it once there is a binary to run
+        return f"{missing}; they also need KVM that runs guests (not probed)"
     from stoker.host.kvm import cached_probe
 
     probe = cached_probe()
     if not probe.usable:
-        return f"KVM cannot run guests here: {probe.reason}"
+        return f"KVM cannot run guests here, so {BINARY_ENV}={binary} cannot: {probe.reason}"
     if not os.environ.get("STOKER_FC_KERNEL"):
         return "STOKER_FC_KERNEL is not set: no guest kernel (vmlinux) for Firecracker"
     if not (os.environ.get("STOKER_FC_INITRD") or os.environ.get("STOKER_FC_ROOTFS")):
@@ -46,6 +63,16 @@ def _skip_reason() -> str | None:
 @pytest.fixture(scope="module")
 def skip_reason() -> str | None:
     return _skip_reason()
+
+
+@pytest.fixture
+def config(skip_reason: str | None) -> FirecrackerOptions:
+    """The driver's settings, with the binary from ``STOKER_FIRECRACKER_BIN`` and nowhere else."""
+    if skip_reason:
+        pytest.skip(skip_reason)
+    binary, _ = _binary_from_env()
+    assert binary is not None
+    return FirecrackerOptions(binary=str(binary))
 
 
 @pytest.fixture
@@ -80,8 +107,10 @@ async def started() -> AsyncIterator[list[FirecrackerVMM]]:
         await vmm.close()
 
 
-async def _boot(spec: VMSpec, paths: VMPaths, vmms: list[FirecrackerVMM]) -> FirecrackerVMM:
-    driver = FirecrackerDriver(FirecrackerConfig())
+async def _boot(
+    config: FirecrackerOptions, spec: VMSpec, paths: VMPaths, vmms: list[FirecrackerVMM]
+) -> FirecrackerVMM:
+    driver = FirecrackerDriver(config)
     driver.check(spec)
     vmm = await driver.spawn("fc-real", spec, paths)
     vmms.append(vmm)
@@ -90,27 +119,29 @@ async def _boot(spec: VMSpec, paths: VMPaths, vmms: list[FirecrackerVMM]) -> Fir
 
 
 async def test_boot_and_graceful_stop(
-    spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]
+    config: FirecrackerOptions, spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]
 ) -> None:
-    vmm = await _boot(spec, VMPaths(tmp_path / "vm"), started)
+    vmm = await _boot(config, spec, VMPaths(tmp_path / "vm"), started)
     assert (await vmm.status(5)).running
     await vmm.request_shutdown()
     status = await asyncio.wait_for(asyncio.shield(vmm.exited), spec.stop_timeout_s)
     assert status.code == 0, vmm.exit_reason()
 
 
-async def test_forced_stop(spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]) -> None:
-    vmm = await _boot(spec, VMPaths(tmp_path / "vm"), started)
+async def test_forced_stop(
+    config: FirecrackerOptions, spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]
+) -> None:
+    vmm = await _boot(config, spec, VMPaths(tmp_path / "vm"), started)
     await vmm.kill()
     status = await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
     assert status.signal == 9
 
 
 async def test_pause_snapshot_restore(
-    spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]
+    config: FirecrackerOptions, spec: VMSpec, tmp_path: Path, started: list[FirecrackerVMM]
 ) -> None:
     paths = VMPaths(tmp_path / "vm")
-    vmm = await _boot(spec, paths, started)
+    vmm = await _boot(config, spec, paths, started)
     await vmm.pause()
     assert (await vmm.status(5)).status == "Paused"
     dest = paths.snapshots / "s1"
@@ -122,7 +153,7 @@ async def test_pause_snapshot_restore(
     await vmm.kill()
     await asyncio.wait_for(asyncio.shield(vmm.exited), 10)
 
-    restored = await FirecrackerDriver(FirecrackerConfig()).restore("fc-real", spec, paths, dest)
+    restored = await FirecrackerDriver(config).restore("fc-real", spec, paths, dest)
     started.append(restored)
     await restored.wait_ready(30)
     assert (await restored.status(5)).status == "Running"

@@ -120,7 +120,7 @@ labels = {{ veto = "yes" }}
         with proc.client() as api:
             port = free_port()
             vm = api.create_vm(guest_spec("hooked", port, labels={"tier": "web"}))
-            assert api.start_vm("hooked", wait=True, timeout_s=90)["state"] == "running"
+            assert api.start_vm("hooked", wait=True, timeout_s=90).state == "running"
             api.stop_vm("hooked", graceful=False)
 
             # exec: the VM's details in the environment, the JSON payload on stdin
@@ -129,7 +129,7 @@ labels = {{ veto = "yes" }}
             )
             started = next(e for e in lines(exec_log) if e["env"]["STOKER_EVENT"] == "on_start")
             env_seen = started["env"]
-            assert env_seen["STOKER_VM_ID"] == vm["id"]
+            assert env_seen["STOKER_VM_ID"] == vm.id
             assert env_seen["STOKER_VM_NAME"] == "hooked"
             assert env_seen["STOKER_STATE"] == "running"
             assert env_seen["STOKER_FROM_STATE"] == "starting"
@@ -148,7 +148,7 @@ labels = {{ veto = "yes" }}
             # webhook: a JSON POST
             wait_for(lambda: received, 10)
             assert received[0]["event"] == "on_start"
-            assert received[0]["vm"]["id"] == vm["id"] and received[0]["state"] == "running"
+            assert received[0]["vm"]["id"] == vm.id and received[0]["state"] == "running"
 
             # entry point callable: every event
             wait_for(lambda: any(e["event"] == "on_stop" for e in lines(py_log)), 10)
@@ -159,7 +159,7 @@ labels = {{ veto = "yes" }}
 
             # every result is an event; a failing hook is recorded and blocks nothing
             results = api.events(vm="hooked", type="hook.result", limit=1000)
-            by_hook = {(e["data"]["hook"], e["data"]["hook_event"]): e["data"] for e in results}
+            by_hook = {(e.data["hook"], e.data["hook_event"]): e.data for e in results}
             assert by_hook[("recorder", "on_start")]["ok"] is True
             assert by_hook[("recorder", "on_start")]["exit_code"] == 0
             assert by_hook[("notify", "on_start")]["status"] == 204
@@ -174,9 +174,9 @@ labels = {{ veto = "yes" }}
             assert info.value.status == 409
             assert "vetoed" in info.value.detail and "exit code 3" in info.value.detail
             refused = api.get_vm("refused")
-            assert refused["state"] == "pending" and refused["process"] is None
+            assert refused.state == "pending" and refused.process is None
             veto = api.events(vm="refused", type="hook.result")
-            assert veto[-1]["data"]["ok"] is False and veto[-1]["data"]["exit_code"] == 3
-            assert "not today" in veto[-1]["data"]["output"]
+            assert veto[-1].data["ok"] is False and veto[-1].data["exit_code"] == 3
+            assert "not today" in veto[-1].data["output"]
     finally:
         proc.cleanup()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def start_guest(api, name: str, **overrides):
     port = free_port()
     vm = api.create_vm(guest_spec(name, port, **overrides))
-    assert vm["state"] == "pending"
+    assert vm.state == "pending"
     vm = api.start_vm(name, wait=True, timeout_s=90)
     return vm, port
 
@@ -26,57 +26,59 @@ def start_guest(api, name: str, **overrides):
 def test_create_start_running_with_guest_http(agent):
     with agent.client() as api:
         vm, port = start_guest(api, "web")
-        assert vm["state"] == "running", vm
-        assert vm["state_reason"] == "guest ready"
+        assert vm.state == "running", vm
+        assert vm.state_reason == "guest ready"
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 10) == (200, "ok\n")
-        shown = api.get_vm(vm["id"])
-        states = [t["to_state"] for t in shown["transitions"]]
+        shown = api.get_vm(vm.id)
+        states = [t.to_state for t in shown.transitions]
         assert states[:3] == ["running", "starting", "pending"]
-        assert all(t["at"].endswith("Z") for t in shown["transitions"])
-        assert shown["process"]["accel"] == "tcg"
+        # times on the wire are UTC with a Z (the raw JSON: the model has parsed them)
+        raw = api.request("GET", f"/api/v1/vms/{vm.id}")
+        assert all(t["at"].endswith("Z") for t in raw["transitions"])
+        assert shown.process.accel == "tcg"
         health = api.vm_health("web")
-        assert health["vmm"]["process_alive"] and health["vmm"]["control_socket"] == "answering"
-        assert "STOKER-GUEST-READY" in api.console("web")["text"]
+        assert health.vmm.process_alive and health.vmm.control_socket == "answering"
+        assert "STOKER-GUEST-READY" in api.console("web").text
 
 
 def test_graceful_stop_goes_through_acpi(agent):
     with agent.client() as api:
         vm, _ = start_guest(api, "graceful")
-        pid = vm["process"]["pid"]
+        pid = vm.process.pid
         began = time.monotonic()
         stopped = api.stop_vm("graceful", graceful=True, timeout_s=20)
         took = time.monotonic() - began
-        assert stopped["state"] == "stopped"
-        assert stopped["state_reason"] == "guest shut down gracefully"
+        assert stopped.state == "stopped"
+        assert stopped.state_reason == "guest shut down gracefully"
         assert took < 10, "ACPI power-down should end the VMM well before the timeout"
         assert not pid_alive(pid)
-        assert stopped["process"] is None
+        assert stopped.process is None
 
 
 def test_forced_stop_kills_at_once(agent):
     with agent.client() as api:
         vm, _ = start_guest(api, "forced")
-        pid = vm["process"]["pid"]
+        pid = vm.process.pid
         stopped = api.stop_vm("forced", graceful=False)
-        assert stopped["state"] == "stopped"
-        assert stopped["state_reason"] == "forced stop: VMM killed"
+        assert stopped.state == "stopped"
+        assert stopped.state_reason == "forced stop: VMM killed"
         assert not pid_alive(pid)
 
 
 def test_restart_gives_a_new_vmm_and_the_guest_answers(agent):
     with agent.client() as api:
         vm, port = start_guest(api, "again")
-        old_pid = vm["process"]["pid"]
+        old_pid = vm.process.pid
         vm = api.restart_vm("again", graceful=False, wait=True)
-        assert vm["state"] == "running" and vm["state_reason"] == "restarted"
-        assert vm["process"]["pid"] != old_pid
+        assert vm.state == "running" and vm.state_reason == "restarted"
+        assert vm.process.pid != old_pid
         assert not pid_alive(old_pid)
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 10)
-        states = [t["to_state"] for t in api.get_vm("again")["transitions"]]
+        states = [t.to_state for t in api.get_vm("again").transitions]
         assert states[:2] == ["running", "restarting"]
         # restart of a stopped VM starts it
         api.stop_vm("again", graceful=False)
-        assert api.restart_vm("again", wait=True)["state"] == "running"
+        assert api.restart_vm("again", wait=True).state == "running"
 
 
 def test_illegal_action_answers_409_with_state_and_allowed_actions(agent):
@@ -96,7 +98,7 @@ def test_illegal_action_answers_409_with_state_and_allowed_actions(agent):
 def test_agent_sigkill_leaves_vm_running_and_new_agent_adopts_it(agent):
     with agent.client() as api:
         vm, port = start_guest(api, "survivor")
-    pid = vm["process"]["pid"]
+    pid = vm.process.pid
     agent.signal(signal.SIGKILL)
     time.sleep(0.5)
     assert pid_alive(pid), "killing the agent must not kill the VM"
@@ -104,11 +106,11 @@ def test_agent_sigkill_leaves_vm_running_and_new_agent_adopts_it(agent):
     agent.start()
     with agent.client() as api:
         vm = api.get_vm("survivor")
-        assert vm["state"] == "running" and vm["process"]["pid"] == pid
-        assert api.vm_health("survivor")["vmm"]["control_socket"] == "answering"
+        assert vm.state == "running" and vm.process.pid == pid
+        assert api.vm_health("survivor").vmm.control_socket == "answering"
         stopped = api.stop_vm("survivor", graceful=True, timeout_s=20)
-        assert stopped["state"] == "stopped"
-        assert stopped["state_reason"] == "guest shut down gracefully"
+        assert stopped.state == "stopped"
+        assert stopped.state_reason == "guest shut down gracefully"
     assert wait_for(lambda: not pid_alive(pid), 5)
 
 
@@ -118,31 +120,31 @@ def test_agent_stop_signals_never_stop_vms(agent, sig):
         vm, _ = start_guest(api, "steady")
     agent.signal(sig)
     time.sleep(0.3)
-    assert pid_alive(vm["process"]["pid"])
+    assert pid_alive(vm.process.pid)
     agent.start()
     with agent.client() as api:
-        assert api.get_vm("steady")["state"] == "running"
+        assert api.get_vm("steady").state == "running"
 
 
 def test_vmm_killed_while_agent_down_is_marked_error(agent):
     with agent.client() as api:
         vm, _ = start_guest(api, "lost")
     agent.signal(signal.SIGKILL)
-    os.kill(vm["process"]["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(vm["process"]["pid"]), 5)
+    os.kill(vm.process.pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(vm.process.pid), 5)
     agent.start()
     with agent.client() as api:
         vm = api.get_vm("lost")
-        assert vm["state"] == "error"
-        assert vm["state_reason"] == "VMM exited while the agent was down"
+        assert vm.state == "error"
+        assert vm.state_reason == "VMM exited while the agent was down"
         # cleanup error -> stopped, then it can start again
-        assert api.stop_vm("lost")["state"] == "stopped"
+        assert api.stop_vm("lost").state == "stopped"
 
 
 def test_delete_removes_the_vms_files(agent):
     with agent.client() as api:
         vm, _ = start_guest(api, "doomed")
-        vm_dir = agent.data_dir / "vms" / vm["id"]
+        vm_dir = agent.data_dir / "vms" / vm.id
         assert (vm_dir / "console.log").exists()
         api.stop_vm("doomed", graceful=False)
         api.delete_vm("doomed")
@@ -156,17 +158,17 @@ def test_boot_timeout_goes_to_error(agent):
     with agent.client() as api:
         api.create_vm(guest_spec("mute", ready_marker="NEVER-PRINTED", boot_timeout_s=4))
         vm = api.start_vm("mute", wait=True, timeout_s=30)
-        assert vm["state"] == "error"
-        assert "boot timeout" in vm["state_reason"] and "4 s" in vm["state_reason"]
-        assert vm["process"] is None
+        assert vm.state == "error"
+        assert "boot timeout" in vm.state_reason and "4 s" in vm.state_reason
+        assert vm.process is None
 
 
 def test_vmm_dying_during_boot_is_an_error(agent, guest):
     with agent.client() as api:
         api.create_vm(guest_spec("crash", cmdline=guest.cmdline + " stoker.fail=1"))
         vm = api.start_vm("crash", wait=True, timeout_s=60)
-        assert vm["state"] == "error"
-        assert "during boot" in vm["state_reason"]
+        assert vm.state == "error"
+        assert "during boot" in vm.state_reason
 
 
 def listing(path):
@@ -233,6 +235,6 @@ def test_list_filters_by_state_and_label(agent):
     with agent.client() as api:
         api.create_vm(guest_spec("a1", labels={"tier": "web"}))
         api.create_vm(guest_spec("a2", labels={"tier": "db"}))
-        assert [v["name"] for v in api.list_vms(labels=["tier=web"])] == ["a1"]
-        assert [v["name"] for v in api.list_vms(state="pending")] == ["a1", "a2"]
+        assert [v.name for v in api.list_vms(labels=["tier=web"])] == ["a1"]
+        assert [v.name for v in api.list_vms(state="pending")] == ["a1", "a2"]
         assert api.list_vms(state="running") == []

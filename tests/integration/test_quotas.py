@@ -25,6 +25,7 @@ from stoker.cli.main import app as cli_app
 from stoker.client import StokerError
 from stoker.host import netlimits, tap
 from stoker.host.cgroups import CgroupMode, detect
+from stoker.wire import DriveThrottleOut, QuotaOut, VMOut
 from tests.helpers import AgentProcess, free_port, guest_spec, http_get, wait_for
 
 pytestmark = [
@@ -77,10 +78,10 @@ def events(agent: AgentProcess, type_: str) -> list[dict]:
     return [{"message": m, **json.loads(d)} for m, d in rows]
 
 
-def start(api, spec: dict) -> dict:
+def start(api, spec: dict) -> VMOut:
     api.create_vm(spec)
     vm = api.start_vm(spec["name"], wait=True, timeout_s=90)
-    assert vm["state"] == "running", vm
+    assert vm.state == "running", vm
     return vm
 
 
@@ -111,11 +112,9 @@ def quota_agent(guest):
                     base.rmdir()
 
 
-def enforced(api, name: str, limit: str) -> dict:
+def enforced(api, name: str, limit: str) -> QuotaOut:
     """The quota view once ``limit`` is in effect (it is applied just after "running")."""
-    return wait_for(
-        lambda: (v := api.get_quota(name))["limits"][limit]["status"] == "enforced" and v, 10
-    )
+    return wait_for(lambda: (v := api.get_quota(name)).limits[limit].status == "enforced" and v, 10)
 
 
 def check_bad_quotas(api, name: str) -> None:
@@ -156,15 +155,15 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
         api.create_vm(guest_spec("burner", port))
         check_bad_quotas(api, "burner")
         saved = api.set_quota("burner", cpu_percent=50, memory_mib=128)
-        assert saved["limits"]["cpu_percent"]["status"] == "pending"
+        assert saved.limits["cpu_percent"].status == "pending"
 
         vm = api.start_vm("burner", wait=True, timeout_s=90)
-        assert vm["state"] == "running", vm
-        pid, vm_id = vm["process"]["pid"], vm["id"]
+        assert vm.state == "running", vm
+        pid, vm_id = vm.process.pid, vm.id
         view = enforced(api, "burner", "cpu_percent")
-        assert view["limits"]["memory_mib"]["status"] == "enforced", view
+        assert view.limits["memory_mib"].status == "enforced", view
         limit = (128 + 160) * MiB
-        assert view["limits"]["memory_mib"]["vmm_limit_bytes"] == limit
+        assert view.limits["memory_mib"].vmm_limit_bytes == limit
         parent = agent.cgroup_parent
         if detect() is CgroupMode.V1:
             cpu_dir, mem_dir = CG / "cpu" / parent / vm_id, CG / "memory" / parent / vm_id
@@ -203,11 +202,11 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
             f"while the host was {idle:.1%} idle"
         )
 
-        view = wait_for(lambda: (v := api.get_quota("burner"))["violations"].get("cpu") and v, 10)
-        cpu = view["violations"]["cpu"]
-        assert cpu["episodes"] >= 2 and cpu["total"] > 0, cpu
-        assert view["usage"]["cpu_percent"] is not None
-        assert view["usage"]["memory_bytes"] > 128 * MiB // 2
+        view = wait_for(lambda: (v := api.get_quota("burner")).violations.get("cpu") and v, 10)
+        cpu = view.violations["cpu"]
+        assert cpu.episodes >= 2 and cpu.total > 0, cpu
+        assert view.usage["cpu_percent"] is not None
+        assert view.usage["memory_bytes"] > 128 * MiB // 2
         found = events(agent, "quota.violation")
         assert any(e["kind"] == "cpu" and "25%" in e["message"] for e in found), found
 
@@ -227,8 +226,8 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
 
         # restart: a new VMM, the quota applied again, and the guest runs under the limit
         vm = api.restart_vm("burner", graceful=False, wait=True, timeout_s=90)
-        assert vm["state"] == "running" and vm["process"]["pid"] != pid
-        pid = vm["process"]["pid"]
+        assert vm.state == "running" and vm.process.pid != pid
+        pid = vm.process.pid
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health", 1.0), 30)
         enforced(api, "burner", "cpu_percent")
         if detect() is CgroupMode.V1:
@@ -241,8 +240,8 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
     agent.proc = again.proc
     with again.client() as api:
         view = enforced(api, "burner", "cpu_percent")
-        assert view["state"] == "running"
-        assert view["effective"] == {"cpu_percent": 25, "memory_mib": 128, "disk_gib": 1}
+        assert view.state == "running"
+        assert view.effective == {"cpu_percent": 25, "memory_mib": 128, "disk_gib": 1}
 
 
 def test_disk_throttle_visible_in_qemu_and_slows_direct_io(quota_agent, tmp_path):
@@ -256,15 +255,17 @@ def test_disk_throttle_visible_in_qemu_and_slows_direct_io(quota_agent, tmp_path
         start(api, spec)
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health", 1.0), 30)
         view = api.get_quota("disky")
-        assert view["usage"]["disk_bytes"] == 64 * MiB
-        assert view["observed"]["drives"][0]["bps"] == 0
+        assert view.usage["disk_bytes"] == 64 * MiB
+        assert view.observed.drives[0].bytes_per_s == 0
 
         free_ms = int(get(f"http://127.0.0.1:{port}/cgi-bin/dd?mb=16"))
         limit = 2_000_000
         view = api.set_quota("disky", disk_bytes_per_s=limit, disk_iops=500)
-        assert view["limits"]["disk_bytes_per_s"]["status"] == "enforced", view
-        observed = api.get_quota("disky")["observed"]["drives"]
-        assert observed == [{"qdev": "vd0", "bps": limit, "iops": 500, "group": "stoker-vm"}]
+        assert view.limits["disk_bytes_per_s"].status == "enforced", view
+        observed = api.get_quota("disky").observed.drives
+        assert observed == [
+            DriveThrottleOut(device="vd0", bytes_per_s=limit, iops=500, group="stoker-vm")
+        ]
         slow_ms = int(get(f"http://127.0.0.1:{port}/cgi-bin/dd?mb=16"))
         rate = 16 * MiB / (slow_ms / 1000)
         print(f"dd 16 MiB: {free_ms} ms free, {slow_ms} ms at {limit} B/s -> {rate:.0f} B/s")
@@ -272,13 +273,13 @@ def test_disk_throttle_visible_in_qemu_and_slows_direct_io(quota_agent, tmp_path
         assert slow_ms > 3 * max(free_ms, 100)
 
         # the monitor sees the disk at its limit
-        view = wait_for(lambda: (v := api.get_quota("disky"))["violations"] and v, 10)
-        assert "disk_bytes_per_s" in view["violations"], view["violations"]
+        view = wait_for(lambda: (v := api.get_quota("disky")).violations and v, 10)
+        assert "disk_bytes_per_s" in view.violations, view.violations
 
         # live removal: QEMU shows no throttle again
         api.remove_quota("disky")
-        observed = api.get_quota("disky")["observed"]["drives"][0]
-        assert (observed["bps"], observed["iops"]) == (0, 0)
+        observed = api.get_quota("disky").observed.drives[0]
+        assert (observed.bytes_per_s, observed.iops) == (0, 0)
 
 
 def netns_agent(netns: str) -> AgentProcess:
@@ -298,7 +299,7 @@ def test_network_limit_on_tap_in_netns(guest):
         with agent.client() as api:
             start(api, guest_spec("tapped", None, network={"mode": "tap", "tap": "vmtap0"}))
             view = api.set_quota("tapped", network_mbps=10)
-            assert view["limits"]["network_mbps"]["status"] == "enforced", view
+            assert view.limits["network_mbps"].status == "enforced", view
             q = netlimits.read_qdisc("vmtap0", ns)
             assert (q["kind"], q["rate"]) == ("tbf", 1_250_000), q
             assert q["ingress_redirect"] and q["ifb"]["rate"] == 1_250_000, q

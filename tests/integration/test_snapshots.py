@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from stoker.client import StokerError
+from stoker.wire import VMOut
+from tests.agents.slow_save import DELAY_ENV
 from tests.helpers import AgentProcess, free_port, guest_spec, http_get, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def boot_with_disk(agent: AgentProcess, name: str) -> tuple[dict, int]:
+def boot_with_disk(agent: AgentProcess, name: str) -> tuple[VMOut, int]:
     disk = agent.data_dir / f"{name}.raw"
     with open(disk, "wb") as f:
         f.truncate(64 * 1024 * 1024)
@@ -26,7 +28,7 @@ def boot_with_disk(agent: AgentProcess, name: str) -> tuple[dict, int]:
     with agent.client() as api:
         api.create_vm(spec)
         vm = api.start_vm(name, wait=True, timeout_s=90)
-    assert vm["state"] == "running", vm
+    assert vm.state == "running", vm
     assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health"), 30)
     return vm, port
 
@@ -52,88 +54,86 @@ def test_snapshot_restore_verify_prune(agent):
     assert write_marker(port, "A") == "data", "the guest must have /data mounted"
     with agent.client() as api:
         snap = api.create_snapshot("web", tags=["before"])
-        assert snap["with_memory"] and snap["kind"] == "manual" and snap["tags"] == ["before"]
-        assert snap["pause_s"] is not None and snap["pause_s"] < 10
-        assert api.get_vm("web")["state"] == "running"
+        assert snap.with_memory and snap.kind == "manual" and snap.tags == ["before"]
+        assert snap.pause_s is not None and snap.pause_s < 10
+        assert api.get_vm("web").state == "running"
         assert marker(port) == "A", "the guest runs on after the snapshot"
-        shown = api.get_snapshot(snap["id"])
-        names = {f["name"] for f in shown["files"]}
+        shown = api.get_snapshot(snap.id)
+        names = {f.name for f in shown.files}
         assert names == {"memory", "spec.json", "disks/vd0.raw"}
-        assert all(len(f["sha256"]) == 64 for f in shown["files"])
-        assert snapshot_dirs(agent, vm["id"]) == [snap["id"]]
+        assert all(len(f.sha256) == 64 for f in shown.files)
+        assert snapshot_dirs(agent, vm.id) == [snap.id]
 
         write_marker(port, "B")
         assert marker(port) == "B" and marker(port, "tmp") == "B"
 
-        restored = api.restore_snapshot(snap["id"])
-        assert restored["vm"]["state"] == "running"
-        assert restored["vm"]["state_reason"] == "guest ready"
-        new_pid = api.get_vm("web")["process"]["pid"]
-        assert new_pid != vm["process"]["pid"] and not pid_alive(vm["process"]["pid"])
+        restored = api.restore_snapshot(snap.id)
+        assert restored.vm.state == "running"
+        assert restored.vm.state_reason == "guest ready"
+        new_pid = api.get_vm("web").process.pid
+        assert new_pid != vm.process.pid and not pid_alive(vm.process.pid)
         # the user-mode forward comes back with the new QEMU; both markers are from before
         assert wait_for(lambda: marker(port), 30) == "A"
         assert marker(port, "tmp") == "A"
-        reasons = [t["reason"] for t in api.get_vm("web")["transitions"]]
-        assert f"restored from snapshot {snap['id']}" in reasons
+        reasons = [t.reason for t in api.get_vm("web").transitions]
+        assert f"restored from snapshot {snap.id}" in reasons
 
-        checked = api.verify_snapshot(snap["id"])["last_verification"]
-        assert checked["ok"] and not checked["deep"], checked
-        assert "3 files match" in checked["detail"]
+        checked = api.verify_snapshot(snap.id).last_verification
+        assert checked.ok and not checked.deep, checked
+        assert "3 files match" in checked.detail
 
-        deep = api.verify_snapshot(snap["id"], deep=True)["last_verification"]
-        assert deep["ok"] and deep["deep"], deep
-        assert "throwaway VM resumed from memory" in deep["detail"]
+        deep = api.verify_snapshot(snap.id, deep=True).last_verification
+        assert deep.ok and deep.deep, deep
+        assert "throwaway VM resumed from memory" in deep.detail
         # the original was never touched, and the throwaway is gone
-        assert api.get_vm("web")["process"]["pid"] == new_pid
+        assert api.get_vm("web").process.pid == new_pid
         assert marker(port) == "A"
-        assert snapshot_dirs(agent, vm["id"]) == [snap["id"]]
-        assert api.get_snapshot(snap["id"])["last_verification"]["deep"] is True
+        assert snapshot_dirs(agent, vm.id) == [snap.id]
+        assert api.get_snapshot(snap.id).last_verification.deep is True
 
         # a damaged snapshot fails verification and says which file
         second = api.create_snapshot("web")
-        memory = Path(agent.data_dir / "vms" / vm["id"] / "snapshots" / second["id"] / "memory")
+        memory = Path(agent.data_dir / "vms" / vm.id / "snapshots" / second.id / "memory")
         with open(memory, "r+b") as f:
             f.seek(4096)
             byte = f.read(1)
             f.seek(4096)
             f.write(bytes([byte[0] ^ 0xFF]))
-        bad = api.verify_snapshot(second["id"])["last_verification"]
-        assert not bad["ok"] and "memory checksum mismatch" in bad["detail"]
+        bad = api.verify_snapshot(second.id).last_verification
+        assert not bad.ok and "memory checksum mismatch" in bad.detail
 
         # retention: the first is protected, keep only the newest other one
-        api.protect_snapshot(snap["id"])
+        api.protect_snapshot(snap.id)
         with pytest.raises(StokerError) as info:
-            api.delete_snapshot(snap["id"])
+            api.delete_snapshot(snap.id)
         assert info.value.status == 409 and "unprotect" in info.value.detail
         third = api.create_snapshot("web")
         policy = api.set_snapshot_policy("web", "last:1")
-        assert policy["retention"] == "last:1"
+        assert policy.retention == "last:1"
         plan = api.prune_snapshots("web", dry_run=True)
-        assert [i["id"] for i in plan["remove"]] == [second["id"]]
-        assert {i["id"]: i["reasons"] for i in plan["keep"]} == {
-            snap["id"]: ["protected"],
-            third["id"]: ["last 1"],
+        assert [i.id for i in plan.remove] == [second.id]
+        assert {i.id: i.reasons for i in plan.keep} == {
+            snap.id: ["protected"],
+            third.id: ["last 1"],
         }
-        assert len(snapshot_dirs(agent, vm["id"])) == 3, "a dry run removes nothing"
-        used_before = _du(agent.data_dir / "vms" / vm["id"] / "snapshots")
+        assert len(snapshot_dirs(agent, vm.id)) == 3, "a dry run removes nothing"
+        used_before = _du(agent.data_dir / "vms" / vm.id / "snapshots")
         pruned = api.prune_snapshots("web")
-        assert [i["id"] for i in pruned["remove"]] == [second["id"]]
-        assert pruned["freed_bytes"] > 60 * 1024 * 1024
-        assert snapshot_dirs(agent, vm["id"]) == sorted([snap["id"], third["id"]])
-        used_after = _du(agent.data_dir / "vms" / vm["id"] / "snapshots")
-        assert used_before - used_after >= pruned["freed_bytes"] * 0.9
-        assert [s["id"] for s in api.list_snapshots("web")] == [snap["id"], third["id"]]
+        assert [i.id for i in pruned.remove] == [second.id]
+        assert pruned.freed_bytes > 60 * 1024 * 1024
+        assert snapshot_dirs(agent, vm.id) == sorted([snap.id, third.id])
+        used_after = _du(agent.data_dir / "vms" / vm.id / "snapshots")
+        assert used_before - used_after >= pruned.freed_bytes * 0.9
+        assert [s.id for s in api.list_snapshots("web")] == [snap.id, third.id]
         events = [e for e in _events(agent) if "pruned" in e]
-        assert any(second["id"] in e for e in events)
+        assert any(second.id in e for e in events)
 
         # automatic snapshot + prune by policy: the auto one is the new "last 1"
         auto = api.auto_snapshot("web")
-        assert auto["snapshot"]["kind"] == "auto"
-        assert [i["id"] for i in auto["prune"]["remove"]] == [third["id"]]
-        assert sorted(snapshot_dirs(agent, vm["id"])) == sorted(
-            [snap["id"], auto["snapshot"]["id"]]
-        )
-        assert api.get_vm("web")["state"] == "running"
+        assert auto.snapshot.kind == "auto"
+        assert [i.id for i in auto.prune.remove] == [third.id]
+        assert sorted(snapshot_dirs(agent, vm.id)) == sorted([snap.id, auto.snapshot.id])
+        assert api.get_vm("web").state == "running"
 
 
 def _du(path: Path) -> int:
@@ -155,7 +155,8 @@ def _events(agent: AgentProcess) -> list[str]:
 
 
 def test_sigkill_during_snapshot_leaves_no_partial_snapshot(guest):
-    agent = AgentProcess(env={"STOKER_SNAPSHOTS__TEST_DELAY_S": "5"}).start()
+    # the test-only agent holds the guest paused for 5 s once its memory is saved
+    agent = AgentProcess(module="tests.agents.slow_save", env={DELAY_ENV: "5"}).start()
     try:
         vm, port = boot_with_disk(agent, "crashy")
         write_marker(port, "A")
@@ -170,7 +171,7 @@ def test_sigkill_during_snapshot_leaves_no_partial_snapshot(guest):
 
         worker = threading.Thread(target=take)
         worker.start()
-        snapdir = agent.data_dir / "vms" / vm["id"] / "snapshots"
+        snapdir = agent.data_dir / "vms" / vm.id / "snapshots"
         wait_for(
             lambda: (
                 snapdir.is_dir() and any((p / "memory").exists() for p in snapdir.glob(".tmp-*"))
@@ -181,15 +182,15 @@ def test_sigkill_during_snapshot_leaves_no_partial_snapshot(guest):
         agent.signal(signal.SIGKILL)
         worker.join(30)
         assert errors, "the request cannot have succeeded"
-        assert pid_alive(vm["process"]["pid"]), "killing the agent never kills the VM"
+        assert pid_alive(vm.process.pid), "killing the agent never kills the VM"
 
         agent.start()
         with agent.client() as api:
             assert api.list_snapshots("crashy") == []
-            assert snapshot_dirs(agent, vm["id"]) == []
+            assert snapshot_dirs(agent, vm.id) == []
             shown = api.get_vm("crashy")
-            assert shown["state"] == "running"
-            assert shown["process"]["pid"] == vm["process"]["pid"]
+            assert shown.state == "running"
+            assert shown.process.pid == vm.process.pid
         # the guest that was left paused by the interrupted snapshot runs again
         assert wait_for(lambda: marker(port), 30) == "A"
         messages = _events(agent)
@@ -210,6 +211,6 @@ def test_snapshot_refused_when_disk_space_is_short(guest):
             assert "not enough free disk space" in info.value.detail
             assert info.value.body["free_bytes"] > 0
             assert api.list_snapshots() == []
-        assert snapshot_dirs(agent, vm["id"]) == []
+        assert snapshot_dirs(agent, vm.id) == []
     finally:
         agent.cleanup()

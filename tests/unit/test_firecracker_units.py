@@ -10,13 +10,13 @@ import pytest
 
 from stoker.domain.spec import VMSpec
 from stoker.domain.units import mbps_to_bucket, pps_to_bucket, rate_limiter
-from stoker.drivers.base import DriverUnavailable, NotSupported
+from stoker.drivers.base import DriverUnavailable, Unsupported
 from stoker.drivers.firecracker import exitcodes
 from stoker.drivers.firecracker.driver import (
     DISABLED_BUCKET,
     MISSING_BINARY,
-    FirecrackerConfig,
     FirecrackerDriver,
+    FirecrackerOptions,
     MetricsAccumulator,
     boot_args,
     drive_layout,
@@ -146,7 +146,7 @@ def test_jailer_refuses_what_the_jailer_would() -> None:
         cgroup_args(2, extra={"weight": "5"})
 
 
-def test_jail_layout_link_and_clean(tmp_path: Path) -> None:
+def test_jail_layout_copy_and_clean(tmp_path: Path) -> None:
     jail = jail_paths(tmp_path / "jailer", "/usr/bin/firecracker", "web-1")
     assert jail.root == tmp_path / "jailer" / "firecracker" / "web-1" / "root"
     assert jail.api_socket == jail.root / "run" / "firecracker.socket"
@@ -155,7 +155,9 @@ def test_jail_layout_link_and_clean(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"kernel")
     assert link_into_jail(kernel, jail, "vmlinux", 0, 0) == "/vmlinux"
-    assert (jail.root / "vmlinux").stat().st_ino == kernel.stat().st_ino  # a link, not a copy
+    # a copy, never the original inode: the jail's owner change must not reach the original
+    assert (jail.root / "vmlinux").stat().st_ino != kernel.stat().st_ino
+    assert (jail.root / "vmlinux").read_bytes() == b"kernel"
     with pytest.raises(ValueError):
         link_into_jail(kernel, jail, "../escape", 0, 0)
     clean_jail(jail)
@@ -288,7 +290,7 @@ def ready_host(tmp_path: Path) -> dict[str, Any]:
 
 def _driver(host: dict[str, Any], **overrides: Any) -> FirecrackerDriver:
     fields = {k: v for k, v in host.items() if k != "kernel"}
-    return FirecrackerDriver(FirecrackerConfig(**{**fields, **overrides}))
+    return FirecrackerDriver(FirecrackerOptions(**{**fields, **overrides}))
 
 
 def test_check_accepts_a_plain_spec(ready_host: dict[str, Any]) -> None:
@@ -329,12 +331,12 @@ def test_check_needs_kvm(ready_host: dict[str, Any], tmp_path: Path) -> None:
 def test_check_refuses_what_firecracker_lacks(
     ready_host: dict[str, Any], fields: dict[str, Any], words: str
 ) -> None:
-    with pytest.raises(NotSupported, match=words):
+    with pytest.raises(Unsupported, match=words):
         _driver(ready_host).check(_spec(kernel=ready_host["kernel"], **fields))
 
 
 def test_check_refuses_a_bzimage_on_x86(ready_host: dict[str, Any], tmp_path: Path) -> None:
     bz = tmp_path / "vmlinuz"
     bz.write_bytes(b"MZ\x00\x00 bzImage")
-    with pytest.raises(NotSupported, match="vmlinux"):
+    with pytest.raises(Unsupported, match="vmlinux"):
         _driver(ready_host).check(_spec(kernel=str(bz)))

@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from stoker.domain.events import EventType
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMMStatus
+from stoker.drivers.base import ProcessRecord
+from stoker.services.directory import VMDirectory
 from stoker.services.events import EventBus
 from stoker.services.health import HealthConfig, HealthService
 from stoker.services.recovery import Recovery, WatchdogConfig
@@ -20,6 +22,7 @@ from stoker.store.db import Database
 from stoker.store.events import EventStore
 from stoker.store.health import HealthStore
 from stoker.store.vms import VMStore
+from tests.fakes import FakeVMM
 
 S = VMState
 
@@ -36,7 +39,12 @@ class FakeLifecycle:
         assert vm is not None
         assert self.vms.compare_and_set_state(vm_id, vm.state, to, reason, datetime.now(UTC))
         self.events.publish(
-            "vm.state", reason, vm_id, from_state=vm.state.value, to_state=to.value, reason=reason
+            EventType.VM_STATE,
+            reason,
+            vm_id,
+            from_state=vm.state.value,
+            to_state=to.value,
+            reason=reason,
         )
         return self.vms.get(vm_id)  # type: ignore[return-value]
 
@@ -53,9 +61,6 @@ class FakeLifecycle:
     async def stop(self, ref: str, graceful: bool = True, reason: str = "", **kw) -> VM:
         self.calls.append(("stop", ref, graceful))
         return await self.set_state(ref, S.STOPPED, "forced stop: VMM killed")
-
-    async def vmm_liveness(self, ref: str, timeout_s: float = 0.25) -> dict:
-        return {"process_alive": True, "control_socket": "answering", "vmm_status": "running"}
 
 
 @pytest.fixture
@@ -163,10 +168,17 @@ async def test_limit_reached_restates_the_error_and_tells(world):
 
 async def test_unhealthy_running_vm_is_restarted_without_a_graceful_stop(world):
     _, events, vms, lifecycle = world
-    recovery = Recovery(lifecycle, events, WatchdogConfig())  # type: ignore[arg-type]
+    recovery = listening_recovery(world)
     vm = make_vm(vms, restart={"policy": "on-failure", "backoff_initial_s": 0.01})
     lifecycle.restart = _running_restart(lifecycle)  # type: ignore[method-assign]
-    recovery.on_unhealthy(vm.id, "probe vmm failed 3 times")
+    # what the health service publishes when a running VM turns unhealthy
+    events.publish(
+        EventType.VM_HEALTH,
+        "web: healthy -> unhealthy",
+        vm.id,
+        to_health="unhealthy",
+        reason="probe vmm failed 3 times",
+    )
     await settle(recovery, 0.1)
     assert lifecycle.calls == [("restart", vm.id, False, "auto-restart 1 of 5 after unhealthy")]
 
@@ -243,48 +255,43 @@ async def test_watchdogs_bound_each_transient_state(world):
     assert len(lifecycle.calls) == before  # each state entry is acted on once
 
 
-class FakeVMM:
-    def __init__(self) -> None:
-        self.answer = True
-
-    async def status(self, timeout_s: float) -> VMMStatus:
-        if not self.answer:
-            from stoker.drivers.base import DriverError
-
-            raise DriverError(f"QMP query-status did not answer within {timeout_s:g} s")
-        return VMMStatus(running=True, status="running")
-
-
-async def test_health_service_probes_verdicts_and_unhealthy_callback(world):
+async def test_health_service_probes_verdicts_and_unhealthy_event(world, tmp_path):
     db, events, vms, lifecycle = world
+    directory = VMDirectory(vms, tmp_path)
     health = HealthService(
-        lifecycle,  # type: ignore[arg-type]
+        directory,
         events,
         HealthStore(db),
         HealthConfig(vmm_interval_s=0.02, vmm_timeout_s=0.05),
     )
     events.add_listener(health.on_event)
-    told: list[str] = []
-    health.on_unhealthy.append(lambda vm_id, why: told.append(why))
     vm = make_vm(vms)
-    vmm = FakeVMM()
-    await health.vmm_up(vm, vmm)  # type: ignore[arg-type]
+    vmm = FakeVMM(vm.spec, ProcessRecord(4242, 1, "/x"))
+    directory.own(vm.id, vmm)
+    await health.vmm_up(vm, vmm)
     await asyncio.sleep(0.1)
     assert (await health.report(vm)).health == "healthy"
-    vmm.answer = False
+    vmm.status_error = "QMP query-status did not answer within 0.05 s"
     await asyncio.sleep(0.2)
     report = await health.report(vm)
     assert report.health == "unhealthy"
-    assert report.probes[0]["name"] == "vmm" and report.probes[0]["status"] == "unhealthy"
+    probe = report.probes[0].state
+    assert probe.name == "vmm" and probe.status == "unhealthy"
     assert report.consecutive_failures >= 3
     assert "did not answer" in (report.last_error or "")
+    # recovery hears of it through the event, with the reason
+    told = [
+        e.data["reason"]
+        for e in events.store.query(type="vm.health")
+        if e.data["to_health"] == "unhealthy"
+    ]
     assert told and told[0].startswith("probe vmm failed 3 times")
     healths = [e.data["to_health"] for e in events.store.query(type="vm.health")]
     assert healths == ["healthy", "unhealthy"]
     # leaving running stops the probes and the verdict becomes unknown
     await lifecycle.set_state(vm.id, S.ERROR, "VMM killed by SIGKILL")
-    checks = report.probes[0]["checks"]
+    checks = probe.checks
     await asyncio.sleep(0.1)
     report = await health.report(replace(vm, state=S.ERROR))
-    assert report.health == "unknown" and report.probes[0]["checks"] == checks
+    assert report.health == "unknown" and report.probes[0].state.checks == checks
     await health.stop()

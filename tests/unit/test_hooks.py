@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -14,9 +15,10 @@ from pydantic import ValidationError
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
+from stoker.services.directory import VMDirectory
+from stoker.services.errors import StartVeto
 from stoker.services.events import EventBus
 from stoker.services.hooks import HooksConfig, HookService
-from stoker.services.lifecycle import StartVeto
 from stoker.store.db import Database
 from stoker.store.events import EventStore
 from stoker.store.vms import VMStore
@@ -28,11 +30,6 @@ DUMP_ENV = (
     "env.pop('PAYLOAD'); "
     "print(json.dumps({'env': env, 'name': json.loads(sys.stdin.read())['vm']['name']}))"
 )
-
-
-class Lifecycle:
-    def __init__(self, vms: VMStore) -> None:
-        self.vms = vms
 
 
 @pytest.fixture
@@ -57,7 +54,9 @@ def vm(name: str = "web", **labels: str) -> VM:
 def service(bus, hooks, python=None) -> HookService:
     events, vms = bus
     config = HooksConfig.model_validate({"hook": hooks})
-    return HookService(Lifecycle(vms), events, config, python_hooks=python or {})  # type: ignore[arg-type]
+    return HookService(
+        VMDirectory(vms, Path("/nonexistent")), events, config, python_hooks=python or {}
+    )
 
 
 def results(bus) -> list:
@@ -192,8 +191,8 @@ async def test_a_vetoing_pre_start_hook_refuses_and_a_plain_one_only_records(bus
         ],
     )
     with pytest.raises(StartVeto, match="hook gate refused: exit code 7"):
-        await veto.pre_start(vm("web"))
-    await veto.pre_start(vm("db"))  # the veto hook is only for "web"; advisory just records
+        await veto.before_start(vm("web"))
+    await veto.before_start(vm("db"))  # the veto hook is only for "web"; advisory just records
     outcome = [(e.data["hook"], e.data["ok"]) for e in results(bus)]
     assert outcome == [("advisory", False), ("gate", False), ("advisory", False)]
 
@@ -205,7 +204,7 @@ async def test_an_entry_point_can_veto_by_raising_start_veto(bus):
 
     hooks = service(bus, [], python={"guard": guard})
     with pytest.raises(StartVeto, match="maintenance window"):
-        await hooks.pre_start(vm())
+        await hooks.before_start(vm())
 
 
 async def test_events_map_to_hook_events(bus):

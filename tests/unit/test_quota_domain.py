@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from stoker.domain.capabilities import Capabilities
 from stoker.domain.quota import (
     FIELDS,
     Quota,
@@ -20,11 +23,18 @@ from stoker.domain.quota import (
     violations,
 )
 from stoker.domain.spec import VMSpec
-from stoker.domain.units import GiB
+from stoker.domain.units import GiB, cgroup_v2_cpu_max
+from stoker.drivers.firecracker.driver import CAPABILITIES as FC_CAPS
+from stoker.drivers.qemu import CAPABILITIES as QEMU_CAPS
 
 
-def spec(**kw) -> VMSpec:
-    return VMSpec(name="web", kernel="/k", **kw)
+def caps(vm: VMSpec) -> Capabilities:
+    """What the real driver of the VM's hypervisor declares."""
+    return FC_CAPS if vm.hypervisor == "firecracker" else QEMU_CAPS
+
+
+def spec(**kw: Any) -> VMSpec:
+    return VMSpec.model_validate({"name": "web", "kernel": "/k", **kw})
 
 
 @pytest.mark.parametrize(
@@ -41,16 +51,31 @@ def spec(**kw) -> VMSpec:
         {"cpus": 2},  # unknown field: a typo must not pass silently
     ],
 )
-def test_bad_values_are_refused(body):
+def test_bad_values_are_refused(body: dict[str, int]) -> None:
     with pytest.raises(ValidationError):
-        Quota(**body)
+        Quota.model_validate(body)
 
 
-def test_two_hundred_percent_is_two_cores_and_accepted():
-    assert Quota(cpu_percent=200).cpu_percent == 200
+def test_two_hundred_percent_is_two_cores_and_accepted() -> None:
+    # a VM override of 200% over a 100% default: the override wins, the default's memory stays
+    merged = merge(Quota(cpu_percent=100, memory_mib=512), Quota(cpu_percent=200))
+    assert merged.set_fields() == {"cpu_percent": 200, "memory_mib": 512}
+    # both bind through the VMM's cgroup, on any hypervisor and network mode; nothing refused
+    vm = spec(vcpus=2, memory_mib=512)
+    planned = plan(merged, vm, caps(vm))
+    assert set(planned.enforced) == {"cpu_percent", "memory_mib"}
+    assert "cgroup CPU cap" in planned.enforced["cpu_percent"]
+    assert planned.unenforceable == {}
+    # two cores is a cap of 200_000 us of CPU time in every 100_000 us period
+    assert cgroup_v2_cpu_max(200) == "200000 100000"
+    # the bounds: 1% (1 ms of a 100 ms period, the kernel's minimum quota) to 1024 cores
+    assert Quota(cpu_percent=1).set_fields() == {"cpu_percent": 1}
+    assert Quota(cpu_percent=102_400).set_fields() == {"cpu_percent": 102_400}
+    with pytest.raises(ValidationError):
+        Quota(cpu_percent=102_401)
 
 
-def test_merge_override_wins_field_by_field():
+def test_merge_override_wins_field_by_field() -> None:
     defaults = Quota(cpu_percent=100, memory_mib=1024, network_mbps=50)
     override = Quota(cpu_percent=200, disk_iops=500)
     merged = merge(defaults, override)
@@ -70,13 +95,13 @@ def test_merge_override_wins_field_by_field():
     st.fixed_dictionaries({}, optional={f: st.integers(1, 10_000) for f in FIELDS}),
     st.fixed_dictionaries({}, optional={f: st.integers(1, 10_000) for f in FIELDS}),
 )
-def test_merge_properties(d, o):
-    merged = merge(Quota(**d), Quota(**o))
+def test_merge_properties(d: dict[str, int], o: dict[str, int]) -> None:
+    merged = merge(Quota.model_validate(d), Quota.model_validate(o))
     for name in FIELDS:
         assert getattr(merged, name) == o.get(name, d.get(name))
 
 
-def test_memory_below_guest_ram_and_disk_too_big():
+def test_memory_below_guest_ram_and_disk_too_big() -> None:
     problems = check_fits(Quota(memory_mib=64, disk_gib=1), spec(memory_mib=128), 2 * GiB)
     fields = {p.field: p.message for p in problems}
     assert "below the guest's RAM of 128 MiB" in fields["memory_mib"]
@@ -84,9 +109,9 @@ def test_memory_below_guest_ram_and_disk_too_big():
     assert check_fits(Quota(memory_mib=128, disk_gib=2), spec(memory_mib=128), 2 * GiB) == []
 
 
-def test_qemu_user_networking_cannot_be_rate_limited():
+def test_qemu_user_networking_cannot_be_rate_limited() -> None:
     user = spec(network={"mode": "user"})
-    refused = plan(Quota(network_mbps=100, network_pps=1000, cpu_percent=50), user)
+    refused = plan(Quota(network_mbps=100, network_pps=1000, cpu_percent=50), user, caps(user))
     assert "network mode 'tap'" in refused.unenforceable["network_mbps"]
     assert "network mode 'tap'" in refused.unenforceable["network_pps"]
     assert "cpu_percent" in refused.enforced
@@ -95,26 +120,29 @@ def test_qemu_user_networking_cannot_be_rate_limited():
     }
 
 
-def test_qemu_tap_shapes_bandwidth_but_not_packets():
+def test_qemu_tap_shapes_bandwidth_but_not_packets() -> None:
     tap = spec(network={"mode": "tap", "tap": "tap0"})
-    result = plan(Quota(network_mbps=100, network_pps=1000), tap)
+    result = plan(Quota(network_mbps=100, network_pps=1000), tap, caps(tap))
     assert "tc" in result.enforced["network_mbps"]
     assert "firecracker" in result.unenforceable["network_pps"]
 
 
-def test_firecracker_enforces_everything_on_tap():
+def test_firecracker_enforces_everything_on_tap() -> None:
     fc = spec(hypervisor="firecracker", network={"mode": "tap", "tap": "tap0"})
-    result = plan(Quota(network_mbps=100, network_pps=1000, disk_iops=10), fc)
+    result = plan(Quota(network_mbps=100, network_pps=1000, disk_iops=10), fc, caps(fc))
     assert result.unenforceable == {}
     assert "Firecracker" in result.enforced["network_pps"]
     assert "Firecracker" in result.enforced["disk_iops"]
 
 
-def test_no_network_means_nothing_to_limit():
-    assert "nothing to limit" in plan(Quota(network_mbps=1), spec()).unenforceable["network_mbps"]
+def test_no_network_means_nothing_to_limit() -> None:
+    assert (
+        "nothing to limit"
+        in plan(Quota(network_mbps=1), spec(), caps(spec())).unenforceable["network_mbps"]
+    )
 
 
-def test_violations_from_counter_deltas():
+def test_violations_from_counter_deltas() -> None:
     quota = Quota(cpu_percent=50, disk_iops=100, disk_bytes_per_s=1_000_000)
     a = Sample(at=0.0, cpu_usage_usec=0, cpu_throttled=10, memory_failcnt=3, memory_oom_kills=0,
                disk_ops=0, disk_bytes=0)  # fmt: skip
@@ -130,7 +158,7 @@ def test_violations_from_counter_deltas():
     assert measured.cpu_percent == pytest.approx(50.0)
 
 
-def test_no_violation_without_change_or_without_cap():
+def test_no_violation_without_change_or_without_cap() -> None:
     a = Sample(at=0.0, cpu_throttled=10)
     assert violations(a, Sample(at=1.0, cpu_throttled=10), Quota(cpu_percent=50)) == []
     # throttling seen without a CPU quota is not a quota violation

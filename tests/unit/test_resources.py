@@ -7,6 +7,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from stoker.cli.resources import render_top, sparkline
 from stoker.domain.capacity import Allocation, NodeCapacity, Request
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
+from stoker.domain.trend import Prediction
 from stoker.domain.units import MiB
 from stoker.domain.usage import NodeSample, VMSample
 from stoker.domain.vm import VM
@@ -24,11 +26,12 @@ from stoker.services.resources import CapacityGate, ResourcesConfig, ResourceSer
 from stoker.store.db import Database
 from stoker.store.resources import ResourceStore
 from stoker.store.vms import VMStore
+from stoker.wire import VMMetricsList
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def make_vm(i: int, vcpus: int = 1, memory_mib: int = 128, state=VMState.PENDING) -> VM:
+def make_vm(i: int, vcpus: int = 1, memory_mib: int = 128, state: VMState = VMState.PENDING) -> VM:
     spec = VMSpec(name=f"vm{i}", kernel="/k", vcpus=vcpus, memory_mib=memory_mib)
     return VM(
         id=f"id{i:04d}", name=spec.name, spec=spec, state=state, state_reason="t",
@@ -63,8 +66,12 @@ ops = st.lists(
     ops=ops, cpus=st.integers(1, 4), memory_mib=st.integers(256, 2048), max_vms=st.integers(0, 8)
 )
 def test_reservations_never_exceed_capacity_and_release_returns_exactly(
-    tmp_path_factory, ops, cpus, memory_mib, max_vms
-):
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[str, int, int, int]],
+    cpus: int,
+    memory_mib: int,
+    max_vms: int,
+) -> None:
     db = Database(tmp_path_factory.mktemp("p") / "s.db")
     cap = NodeCapacity(physical_cpus=cpus, memory_bytes=memory_mib * MiB, max_vms=max_vms)
     gate = gate_for(db, cap)
@@ -78,7 +85,7 @@ def test_reservations_never_exceed_capacity_and_release_returns_exactly(
                 gate.reserve(vm)
             except Conflict as exc:
                 assert vm.id not in held
-                assert exc.extra["resource"] in ("vms", "vcpus", "memory")
+                assert exc.members["resource"] in ("vms", "vcpus", "memory")
                 assert "asked for" in exc.detail or "VM slots" in exc.detail
                 assert store.allocated() == before
                 continue
@@ -106,7 +113,7 @@ def test_reservations_never_exceed_capacity_and_release_returns_exactly(
     db.close()
 
 
-def test_conflict_names_resource_asked_and_free(db):
+def test_conflict_names_resource_asked_and_free(db: Database) -> None:
     cap = NodeCapacity(physical_cpus=8, memory_bytes=400 * MiB, memory_headroom=0.2)
     gate = gate_for(db, cap)
     gate.reserve(make_vm(1, memory_mib=256))
@@ -118,7 +125,7 @@ def test_conflict_names_resource_asked_and_free(db):
     )
 
 
-def test_reservation_survives_reopening_the_database(tmp_path):
+def test_reservation_survives_reopening_the_database(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     db = Database(path)
     gate_for(db, NodeCapacity(physical_cpus=2, memory_bytes=1024 * MiB)).reserve(make_vm(1))
@@ -127,7 +134,7 @@ def test_reservation_survives_reopening_the_database(tmp_path):
     assert again.allocated() == Allocation(vms=1, vcpus=1, memory_bytes=128 * MiB)
 
 
-def test_threads_racing_reserve_exactly_what_fits(tmp_path):
+def test_threads_racing_reserve_exactly_what_fits(tmp_path: Path) -> None:
     """Two connections (as two agents or threads would have) cannot both take the last slot."""
     path = tmp_path / "s.db"
     Database(path).close()
@@ -152,7 +159,7 @@ def test_threads_racing_reserve_exactly_what_fits(tmp_path):
     assert ResourceStore(Database(path)).allocated().vms == 2
 
 
-def test_reconcile_repairs_after_a_crash(db):
+def test_reconcile_repairs_after_a_crash(db: Database) -> None:
     vms = VMStore(db)
     store = ResourceStore(db)
     running = make_vm(1, vcpus=2, memory_mib=256, state=VMState.RUNNING)
@@ -166,8 +173,8 @@ def test_reconcile_repairs_after_a_crash(db):
     assert store.allocated() == Allocation(vms=1, vcpus=2, memory_bytes=256 * MiB)
 
 
-def _node(t: float, **kw) -> NodeSample:
-    base = dict(
+def _node(t: float, **kw: Any) -> NodeSample:
+    base: dict[str, Any] = dict(
         t=t, resolution_s=1.0, vms=1, vcpus_allocated=1, memory_allocated=128 * MiB,
         cpu_used=0.5, memory_used=200 * MiB, host_cpu_percent=10.0, host_memory_used=1e9,
     )  # fmt: skip
@@ -179,35 +186,45 @@ def _vm(t: float, written: float) -> VMSample:
     return VMSample("v1", t, 1.0, 50.0, 100.0, 0.0, written, None, None)
 
 
-def test_compaction_folds_old_samples_and_drops_beyond_history(db):
+def test_compaction_folds_old_samples_and_drops_beyond_history(db: Database) -> None:
     store = ResourceStore(db)
     now = 100_000.0
     for k in range(0, 7200, 10):  # two hours, one sample every 10 s
         t = now - 7200 + k
         store.add_samples(_node(t, cpu_used=float(k)), [_vm(t, written=float(k))])
     store.compact(now, raw_keep_s=3600, bucket_s=300, keep_s=5400)
+    # Worked out by hand. Samples at t = 92_800, 92_810, ..., 99_990 (720; k = t - 92_800).
+    # Dropped: a row covering [t, t + 1) wholly older than now - keep_s = 94_600, so
+    #   t <= 94_590: 180 rows; 540 are left (t = 94_600..99_990).
+    # Cut: (100_000 - 3600) // 300 * 300 = 321 * 300 = 96_300 (aligned down to a bucket edge).
+    # Raw: t = 96_300..99_990 stay as they are: (99_990 - 96_300) / 10 + 1 = 370 rows.
+    # Folded: t = 94_600..96_290 (170 rows) into buckets t // 300 = 315..320: 6 rows, each
+    #   stamped at its bucket's start, 315 * 300 = 94_500 up to 320 * 300 = 96_000.
     node = store.node_samples(0)
     raw = [s for s in node if s.resolution_s == 1.0]
     folded = [s for s in node if s.resolution_s == 300]
-    # only whole buckets fold: the cut is aligned down to a bucket edge
-    assert all(s.t >= now - 3600 - 300 for s in raw) and 360 <= len(raw) <= 390
-    assert all(now - 5400 - 300 <= s.t < now - 3600 for s in folded)
+    assert len(raw) == 370
+    assert (raw[0].t, raw[-1].t) == (96_300, 99_990)
+    assert len(folded) == 6
+    assert [s.t for s in folded] == [94_500, 94_800, 95_100, 95_400, 95_700, 96_000]
     assert {s.resolution_s for s in node} == {1.0, 300}
-    assert 5 <= len(folded) <= 7
-    # gauges average, counters keep the last value of their bucket
+    # gauges average: bucket 94_500 holds k = 1800..1990 (its first 10 samples were dropped),
+    # mean 1895; bucket 94_800 holds k = 2000..2290, mean 2145
+    assert [s.cpu_used for s in folded[:2]] == [1895.0, 2145.0]
+    # counters keep the last value of their bucket: k = 1990 in the first, 2290 in the second
     vm = [s for s in store.vm_samples("v1", 0) if s.resolution_s == 300]
-    first = min(vm, key=lambda s: s.t)
-    assert first.disk_write_bytes is not None and first.disk_write_bytes % 10 == 0
-    assert first.cpu_percent == 50.0
+    assert [s.disk_write_bytes for s in vm[:2]] == [1990.0, 2290.0]
+    assert vm[0].cpu_percent == 50.0
     store.compact(now, raw_keep_s=3600, bucket_s=300, keep_s=5400)
     assert store.node_samples(0) == node  # folding again changes nothing
 
 
-def _service(db: Database, **cfg) -> ResourceService:
-    config = ResourcesConfig(**cfg)
+def _service(db: Database, **cfg: Any) -> ResourceService:
+    config = ResourcesConfig.model_validate(cfg)
     cap = NodeCapacity(physical_cpus=4, memory_bytes=10_000 * MiB)
-    lifecycle = SimpleNamespace(vmm=lambda _id: None)
-    events = SimpleNamespace(published=[])
+    # fakes: the service only asks the lifecycle for a VMM and publishes events
+    lifecycle: Any = SimpleNamespace(vmm=lambda _id: None)
+    events: Any = SimpleNamespace(published=[])
     events.publish = lambda *a, **k: events.published.append((a, k))
     return ResourceService(
         config,
@@ -216,15 +233,15 @@ def _service(db: Database, **cfg) -> ResourceService:
         events,
         cap,
         {},
-        clock=lambda: NOW,  # type: ignore[arg-type]
+        clock=lambda: NOW,
     )
 
 
-def _by(svc: ResourceService, now_t: float):
+def _by(svc: ResourceService, now_t: float) -> dict[str, Prediction]:
     return {p.resource: p for p in svc.predict(now_t)}
 
 
-def test_linear_memory_growth_predicts_exhaustion_within_5_percent(db):
+def test_linear_memory_growth_predicts_exhaustion_within_5_percent(db: Database) -> None:
     svc = _service(db, prediction_window_s=3600)
     limit = svc.capacities()["memory_used"]
     now = 1_000_000.0
@@ -238,7 +255,7 @@ def test_linear_memory_growth_predicts_exhaustion_within_5_percent(db):
     assert got.confidence.level == "high" and got.confidence.n == 60
 
 
-def test_flat_series_predicts_no_exhaustion(db):
+def test_flat_series_predicts_no_exhaustion(db: Database) -> None:
     svc = _service(db)
     now = 1_000_000.0
     for k in range(30):
@@ -248,7 +265,7 @@ def test_flat_series_predicts_no_exhaustion(db):
     assert found["memory_allocated"].exhausted_in_s is None
 
 
-def test_noise_lowers_confidence(db):
+def test_noise_lowers_confidence(db: Database) -> None:
     rng = random.Random(7)
     now = 1_000_000.0
     clean, noisy = _service(db), _service(Database(":memory:"))
@@ -262,33 +279,37 @@ def test_noise_lowers_confidence(db):
     assert b.level in ("low", "medium")
 
 
-def test_too_few_samples_give_no_prediction(db):
+def test_too_few_samples_give_no_prediction(db: Database) -> None:
     svc = _service(db)
     svc.store.add_samples(_node(999_990.0), [])
     got = _by(svc, 1_000_000.0)["cpu_used"]
     assert got.slope_per_hour is None and got.confidence.level == "none"
 
 
-def test_config_accepts_durations_and_rejects_bad_values():
-    assert ResourcesConfig(interval_s="1s", history_s="2h").history_s == 7200
+def test_config_accepts_durations_and_rejects_bad_values() -> None:
+    durations = ResourcesConfig.model_validate({"interval_s": "1s", "history_s": "2h"})
+    assert durations.history_s == 7200
     with pytest.raises(ValueError):
         ResourcesConfig(interval_s=0.5)
 
 
-def test_sparkline_and_top_rendering():
+def test_sparkline_and_top_rendering() -> None:
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert sparkline([5, 5, 5]) == "▁▁▁"
     assert sparkline([None, 1, None]) == " ▁ "
     table = render_top(
-        {
-            "interval_s": 1,
-            "vms": [
-                {
-                    "name": "web", "vcpus": 1, "cpu_percent": 12.5, "memory_bytes": 200 * MiB,
-                    "disk_read_bytes": None, "disk_write_bytes": None, "net_rx_bytes": None,
-                    "net_tx_bytes": None, "unavailable": {"net_rx_bytes": "user-mode"},
-                }
-            ],
-        }
+        VMMetricsList.model_validate(
+            {
+                "interval_s": 1,
+                "vms": [
+                    {
+                        "id": "a" * 16, "name": "web", "at": "2026-01-01T00:00:00Z", "vcpus": 1,
+                        "cpu_percent": 12.5, "memory_bytes": 200 * MiB, "disk_read_bytes": None,
+                        "disk_write_bytes": None, "net_rx_bytes": None, "net_tx_bytes": None,
+                        "unavailable": {"net_rx_bytes": "user-mode"},
+                    }
+                ],
+            }
+        )
     )  # fmt: skip
     assert table.row_count == 1 and "user-mode" in str(table.caption)

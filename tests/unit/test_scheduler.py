@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from stoker.agent import Agent
 from stoker.config import AgentConfig
 from stoker.domain import cron
 from stoker.domain.spec import VMSpec
@@ -18,6 +20,7 @@ from stoker.domain.states import VMState
 from stoker.domain.vm import VM
 from stoker.services import scheduler as sched
 from stoker.services.container import Services
+from stoker.services.directory import VMDirectory
 from stoker.services.errors import Conflict, InvalidSpec, NotFound
 from stoker.services.events import EventBus
 from stoker.services.reports import ReportGenerator
@@ -44,8 +47,11 @@ class FakeClock:
 class FakeLifecycle:
     """start/stop/restart that move the state in a real VMStore and remember the calls."""
 
-    def __init__(self, vms: VMStore, clock: FakeClock) -> None:
+    def __init__(
+        self, vms: VMStore, clock: FakeClock, data_dir: Path = Path("/nonexistent")
+    ) -> None:
         self.vms = vms
+        self.directory = VMDirectory(vms, data_dir)
         self.clock = clock
         self.calls: list[tuple[str, str, datetime]] = []
         self.gate: asyncio.Event | None = None  # when set, start waits for it
@@ -83,6 +89,21 @@ class FakeLifecycle:
         return self.get(vm_id)
 
 
+class Snapshots:
+    """The snapshot service as the scheduler sees it: ``auto_snapshot(ref)``, scriptable."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.answer: object = None
+        self.error: Exception | None = None
+
+    async def auto_snapshot(self, vm_ref: str) -> Any:
+        self.calls.append(vm_ref)
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
 class Env:
     def __init__(self, tmp_path: Path, now: datetime, **config: object) -> None:
         self.db = Database(tmp_path / "stoker.db")
@@ -91,13 +112,13 @@ class Env:
         self.events = EventBus(EventStore(self.db), clock=self.clock)
         self.lifecycle = FakeLifecycle(self.vms, self.clock)
         self.slept: list[float] = []
-        self.extra: dict[str, object] = {}
+        self.snapshots = Snapshots()
         self.reports = ReportGenerator(self.db, tmp_path, sched.zone("UTC"), None, clock=self.clock)
         self.scheduler = Scheduler(
             ScheduleStore(self.db),
             self.lifecycle,  # type: ignore[arg-type]
             self.events,
-            self.extra,
+            self.snapshots,
             self.reports,
             SchedulerConfig(**config),  # type: ignore[arg-type]
             "UTC",
@@ -387,15 +408,16 @@ async def test_failed_action_is_recorded_and_published(tmp_path):
     assert failed[0].data["schedule_id"] == row.id
 
 
-async def test_snapshot_without_the_snapshots_capability_fails_clearly(tmp_path):
+async def test_snapshot_that_fails_is_a_failed_run_saying_why(tmp_path):
     env = Env(tmp_path, datetime(2026, 3, 6, 1, 0, tzinfo=UTC))
     env.add_vm("web-server", state=VMState.RUNNING)
+    env.snapshots.error = Conflict("not enough free space for a snapshot of web-server")
     row = env.scheduler.create(ScheduleSpec(vm="web-server", action="snapshot", cron="@daily"))
     run = await env.scheduler.run_now(row.id)
     await env.scheduler.wait_idle()
     run = env.scheduler.store.run(run.id)
     assert run.status == "failed"
-    assert "snapshots capability is not available" in run.message
+    assert "not enough free space for a snapshot of web-server" in run.message
 
 
 async def test_snapshot_action_takes_then_prunes(tmp_path):
@@ -405,20 +427,13 @@ async def test_snapshot_action_takes_then_prunes(tmp_path):
 
     env = Env(tmp_path, datetime(2026, 3, 6, 1, 0, tzinfo=UTC))
     env.add_vm("web-server", state=VMState.RUNNING)
-    calls: list[str] = []
-
-    class Snapshots:
-        async def auto_snapshot(self, vm_ref: str):
-            calls.append(vm_ref)
-            pruned = SimpleNamespace(policy="daily:7,weekly:4", remove=("old1", "old2"))
-            return SimpleNamespace(snapshot=SimpleNamespace(id="snap1"), prune=pruned)
-
-    env.extra["snapshots"] = Snapshots()
+    pruned = SimpleNamespace(policy="daily:7,weekly:4", remove=("old1", "old2"))
+    env.snapshots.answer = SimpleNamespace(snapshot=SimpleNamespace(id="snap1"), prune=pruned)
     row = env.scheduler.create(ScheduleSpec(vm="web-server", action="snapshot", cron="@daily"))
     run = await env.scheduler.run_now(row.id)
     await env.scheduler.wait_idle()
     run = env.scheduler.store.run(run.id)
-    assert calls == ["id-web-server"]
+    assert env.snapshots.calls == ["id-web-server"]
     assert run.status == "succeeded", run.message
     assert "snapshot snap1 taken; pruned 2 by retention policy daily:7,weekly:4" in run.message
 
@@ -460,7 +475,7 @@ async def test_bad_schedules_say_what_to_fix(tmp_path, spec, field, words):
     env.add_vm("web")
     with pytest.raises(InvalidSpec) as caught:
         env.scheduler.create(ScheduleSpec(**spec))
-    assert caught.value.extra["errors"][0]["field"] == field
+    assert caught.value.members["errors"][0]["field"] == field
     assert words in caught.value.detail
 
 
@@ -538,37 +553,32 @@ async def test_loop_sleeps_until_the_next_fire_with_an_injected_clock(tmp_path):
 # --------------------------------------------------------------------------- install
 
 
-async def test_install_adds_the_daily_report_schedule_once(tmp_path):
-    db = Database(tmp_path / "stoker.db")
+def test_agent_adds_the_daily_report_schedule_once(tmp_path):
     config = AgentConfig(data_dir=tmp_path, sections={"scheduler": {"tz": "UTC"}})
-    services = _services(db)
-    sched.install(services, config, db)
-    sched.install(_services(db), config, db)
-    rows = services.extra["scheduler"].all()
+    services = _built(config)
+    _built(config)
+    rows = services.scheduler.all()
     assert [(r.name, r.action, r.cron, r.options["period"]) for r in rows] == [
         ("daily-report", "report", "5 0 * * *", "daily")
     ]
-    assert services.extra["scheduler"] in services.background
+    assert services.scheduler in services.background
 
     off = AgentConfig(data_dir=tmp_path, sections={"scheduler": {"default_report": False}})
-    sched.install(_services(db), off, db)
-    assert not ScheduleStore(db).get("daily-report").enabled
+    _built(off)
+    assert not ScheduleStore(Database(tmp_path / "stoker.db")).get("daily-report").enabled
 
 
-async def test_install_rejects_a_bad_section(tmp_path):
+def test_agent_rejects_a_bad_section(tmp_path):
     from stoker.config import ConfigError
 
-    db = Database(tmp_path / "stoker.db")
     bad = AgentConfig(data_dir=tmp_path, sections={"scheduler": {"grace_s": -1, "x": 1}})
     with pytest.raises(ConfigError, match=r"scheduler\.grace_s"):
-        sched.install(_services(db), bad, db)
+        _built(bad)
 
 
-def _services(db: Database) -> Services:
-    events = EventBus(EventStore(db))
-    lifecycle = FakeLifecycle(VMStore(db), FakeClock(datetime.now(UTC)))
-    lifecycle.clock = lambda: datetime.now(UTC)  # type: ignore[assignment]
-    return Services(lifecycle=lifecycle, events=events)  # type: ignore[arg-type]
+def _built(config: AgentConfig) -> Services:
+    """The agent's own composition, with no hypervisor drivers (nothing is started)."""
+    return Agent(config, drivers={}).build()
 
 
 def test_host_tz_name(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
+from stoker.services.directory import VMDirectory
 from stoker.services.errors import Conflict, InvalidSpec
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
@@ -26,8 +27,9 @@ from stoker.services.snapshots import (
     MANIFEST,
     GrowingFileHasher,
     InsufficientSpace,
+    SnapshotHousekeeping,
+    SnapshotsConfig,
     SnapshotService,
-    SnapshotSettings,
     hash_tree,
 )
 from stoker.store.db import Database
@@ -50,7 +52,7 @@ class Clock:
 def world(tmp_path: Path):
     db = Database(tmp_path / "s.db")
     events = EventBus(EventStore(db))
-    lifecycle = Lifecycle(VMStore(db), events, {}, tmp_path)
+    lifecycle = Lifecycle(VMDirectory(VMStore(db), tmp_path), events, {})
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"A" * 65536)
     spec = VMSpec(name="web", kernel="/k", drives=[{"path": str(disk)}])
@@ -60,7 +62,7 @@ def world(tmp_path: Path):
 
     def make(**settings) -> SnapshotService:
         return SnapshotService(
-            lifecycle, SnapshotStore(db), SnapshotSettings(**{"margin_mib": 0, **settings}), clock
+            lifecycle, SnapshotStore(db), SnapshotsConfig(**{"margin_mib": 0, **settings}), clock
         )
 
     return make, lifecycle, disk, clock, db
@@ -181,11 +183,12 @@ async def test_cleanup_at_start_removes_leftovers_and_reindexes(world):
     stale.write_bytes(b"half")
 
     fresh = make()
-    fresh.cleanup_leftovers()
+    housekeeping = SnapshotHousekeeping(lifecycle.directory, fresh.store, lifecycle.events)
+    housekeeping.cleanup_leftovers()
     assert sorted(p.name for p in snapdir.iterdir()) == sorted([kept.id, orphan.id])
     assert sorted(s.id for s in fresh.all()) == sorted([kept.id, orphan.id])
     assert not stale.exists()
-    assert fresh.interrupted == {lifecycle.get("web").id}
+    assert housekeeping.interrupted == {lifecycle.get("web").id}
     assert any("removed interrupted snapshot x" in m for m in messages(db))
 
 

@@ -12,6 +12,7 @@ from stoker import __version__
 from stoker.api import events, problems, quotas, resources, schedules, snapshots, vms
 from stoker.api.problems import PROBLEM
 from stoker.services.container import Services
+from stoker.wire import VersionOut
 
 
 def create_app(services: Services, token: str | None = None) -> FastAPI:
@@ -29,8 +30,8 @@ def create_app(services: Services, token: str | None = None) -> FastAPI:
         app.include_router(router)
 
     @app.get("/api/v1/version", tags=["agent"])
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
+    async def version() -> VersionOut:
+        return VersionOut(version=__version__)
 
     if token is not None:
 

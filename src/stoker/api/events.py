@@ -6,11 +6,10 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
@@ -18,6 +17,7 @@ from stoker.domain.events import Event
 from stoker.domain.units import parse_duration
 from stoker.services.container import Services
 from stoker.services.errors import InvalidSpec, NotFound
+from stoker.wire import EventOut
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"], responses=PROBLEM_RESPONSES)
 
@@ -36,24 +36,12 @@ HEARTBEAT_S = 15.0
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
 
-class EventOut(BaseModel):
-    # the API's view of an Event record: same fields, so it is validated straight from one
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    at: datetime
-    vm_id: str | None
-    type: str
-    message: str
-    data: dict[str, Any]
-
-
 def _vm_id(svc: Services, ref: str | None) -> str | None:
     """A name or id of a VM; the id of a deleted VM still finds its events."""
     if ref is None:
         return None
     try:
-        return svc.lifecycle.get(ref, 0).id
+        return svc.directory.get(ref, 0).id
     except NotFound:
         if _ID.match(ref):
             return ref

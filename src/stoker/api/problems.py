@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from stoker.domain.capabilities import Unsupported
 from stoker.domain.states import IllegalAction
 from stoker.services.errors import ServiceError
 
@@ -39,6 +40,7 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = None
     current_state: str | None = None
     allowed_actions: list[str] | None = None
+    alternative: str | None = None
 
 
 def _problem_response(
@@ -98,7 +100,13 @@ def _allowed_methods(request: Request) -> list[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return _problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+        return _problem_response(exc.status, exc.title, exc.detail, **exc.members)
+
+    @app.exception_handler(Unsupported)
+    async def unsupported(_: Request, exc: Unsupported) -> JSONResponse:
+        return _problem_response(
+            422, "Not supported for this VM", str(exc), alternative=exc.alternative
+        )
 
     @app.exception_handler(IllegalAction)
     async def illegal_action(_: Request, exc: IllegalAction) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from stoker.api.schemas import VMOut
+from stoker.api.shapes import vm_out
 from stoker.domain.vm import VM
 
 
@@ -22,7 +22,7 @@ class RenderedVMs:
         hit = self._cache.get(vm.id)
         if hit is not None and (hit[0] is vm or hit[0] == vm):
             return hit[1]
-        body = VMOut.of(vm).model_dump_json().encode()
+        body = vm_out(vm).model_dump_json().encode()
         self._cache[vm.id] = (vm, body)
         return body
 

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
 from stoker.api.render import RenderedVMs
-from stoker.api.schemas import ConsoleOut, HealthOut, RestartRequest, StopRequest, VMOut
+from stoker.api.shapes import health_out, vm_out
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.services.container import Services
 from stoker.services.errors import InvalidSpec
+from stoker.wire import ConsoleOut, HealthOut, RestartRequest, StopRequest, VMOut
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"], responses=PROBLEM_RESPONSES)
 _rendered = RenderedVMs()
@@ -28,7 +29,7 @@ WaitTimeout = Annotated[float, Query(gt=0, le=3600, description="seconds to wait
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=VMOut)
 async def create_vm(spec: VMSpec, svc: Svc) -> VMOut:
     """Register a VM in state pending; nothing is written if the spec is rejected."""
-    return VMOut.of(await svc.lifecycle.create(spec))
+    return vm_out(await svc.lifecycle.create(spec))
 
 
 @router.get("", response_model=list[VMOut])
@@ -47,7 +48,7 @@ async def list_vms(
         selectors.append((key, value))
     vms = [
         vm
-        for vm in svc.lifecycle.vms.all(state)
+        for vm in svc.directory.all(state)
         if all(vm.spec.labels.get(k) == v for k, v in selectors)
     ]
     # pre-rendered: building and validating 1,000 response models per request was too slow
@@ -57,7 +58,7 @@ async def list_vms(
 @router.get("/{ref}", response_model=VMOut)
 async def get_vm(ref: str, svc: Svc) -> VMOut:
     """A VM by id or name, with its state, why, since when, and recent transitions."""
-    return VMOut.of(svc.lifecycle.get(ref))
+    return vm_out(svc.lifecycle.get(ref))
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
@@ -75,14 +76,14 @@ async def start_vm(ref: str, svc: Svc, wait: Wait = False, timeout_s: WaitTimeou
     vm = await svc.lifecycle.start(ref)
     if wait:
         vm = await svc.lifecycle.wait_settled(vm.id, timeout_s)
-    return VMOut.of(vm)
+    return vm_out(vm)
 
 
 @router.post("/{ref}/stop", response_model=VMOut)
 async def stop_vm(ref: str, svc: Svc, body: StopRequest | None = None) -> VMOut:
     """Graceful by default: ACPI power-down, then force after the stop timeout."""
     body = body or StopRequest()
-    return VMOut.of(await svc.lifecycle.stop(ref, graceful=body.graceful, timeout_s=body.timeout_s))
+    return vm_out(await svc.lifecycle.stop(ref, graceful=body.graceful, timeout_s=body.timeout_s))
 
 
 @router.post("/{ref}/restart", status_code=status.HTTP_202_ACCEPTED, response_model=VMOut)
@@ -97,19 +98,12 @@ async def restart_vm(
     vm = await svc.lifecycle.restart(ref, graceful=body.graceful)
     if wait:
         vm = await svc.lifecycle.wait_settled(vm.id, timeout_s)
-    return VMOut.of(vm)
+    return vm_out(vm)
 
 
 @router.get("/{ref}/health", response_model=HealthOut)
 async def vm_health(ref: str, svc: Svc) -> HealthOut:
-    vm = svc.lifecycle.get(ref, 0)
-    health_service = svc.extra.get("health")
-    if health_service is not None:
-        return await health_service.report(vm)
-    vmm = await svc.lifecycle.vmm_liveness(vm.id)
-    healthy = vmm["process_alive"] and vmm["control_socket"] == "answering"
-    verdict = "healthy" if healthy else ("unhealthy" if vm.state == VMState.RUNNING else "unknown")
-    return HealthOut(vm=vm.name, state=vm.state, health=verdict, vmm=vmm)
+    return health_out(await svc.health.report(svc.directory.get(ref, 0)))
 
 
 @router.get("/{ref}/console", response_model=ConsoleOut)
@@ -118,14 +112,6 @@ async def vm_console(
     svc: Svc,
     bytes: Annotated[int, Query(ge=1, le=1_048_576, description="tail size")] = 16384,
 ) -> ConsoleOut:
-    vm = svc.lifecycle.get(ref, 0)
-    path = svc.lifecycle.paths(vm.id).console
-    try:
-        with open(path, "rb") as console:
-            console.seek(0, 2)
-            size = console.tell()
-            console.seek(max(0, size - bytes))
-            data = console.read()
-    except FileNotFoundError:
-        data, size = b"", 0
-    return ConsoleOut(vm=vm.name, text=data.decode(errors="replace"), truncated=size > bytes)
+    vm = svc.directory.get(ref, 0)
+    tail = svc.directory.console_tail(vm.id, bytes)
+    return ConsoleOut(vm=vm.name, text=tail.text, truncated=tail.truncated)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import typer
+from pydantic import BaseModel, TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 
@@ -18,7 +19,6 @@ out = Console()
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the raw JSON answer.")
 
@@ -59,11 +59,18 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def print_json(value: Any) -> None:
+#: what ``--json`` prints: a model, a list of models, or plain JSON the API nested in one
+JSONAnswer = BaseModel | Sequence[BaseModel] | Mapping[str, Any]
+
+
+def print_json(value: JSONAnswer) -> None:
     sys.stdout.write(dumps(value) + "\n")
 
 
-def show_answer(value: T, as_json: bool, render: Callable[[T], None]) -> None:
+Answer = TypeVar("Answer", bound=JSONAnswer)
+
+
+def show_answer(value: Answer, as_json: bool, render: Callable[[Answer], None]) -> None:
     """A command's answer: the API's JSON as is with --json, else ``render`` for people."""
     if as_json:
         print_json(value)
@@ -71,11 +78,19 @@ def show_answer(value: T, as_json: bool, render: Callable[[T], None]) -> None:
         render(value)
 
 
-def ago(text: str | None) -> str:
-    """'2026-11-21T06:30:00Z' -> '3m ago' for tables."""
-    if not text:
+_TIME = TypeAdapter(datetime)
+
+
+def iso(when: datetime) -> str:
+    """A time written exactly as the API writes it in JSON ('2026-11-21T06:30:00.123456Z'),
+    so messages read the same as the raw answer."""
+    return str(_TIME.dump_python(when, mode="json"))
+
+
+def ago(then: datetime | None) -> str:
+    """A time -> '3m ago' for tables."""
+    if then is None:
         return "-"
-    then = datetime.fromisoformat(text.replace("Z", "+00:00"))
     seconds = (datetime.now(UTC) - then).total_seconds()
     if seconds < 0:
         return "in " + _span(-seconds)

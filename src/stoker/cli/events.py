@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import typer
 
-from stoker.cli.common import client, handle_errors, out
+from stoker.cli.common import client, handle_errors, iso, out
 from stoker.domain.events import EventType
+from stoker.wire import EventOut
 
-LEVEL_STYLE = {
+#: by event type (the wire gives the type as a plain string)
+LEVEL_STYLE: dict[str, str] = {
     EventType.VM_HEALTH: "magenta",
     EventType.VM_RESTART_LIMIT_REACHED: "red",
     EventType.VM_WATCHDOG: "red",
@@ -48,7 +49,7 @@ def events(
         last = 0
         for event in logged:
             _show(event, as_json)
-            last = event["id"]
+            last = event.id
         if not follow:
             return
         try:
@@ -58,11 +59,12 @@ def events(
             return
 
 
-def _show(event: dict[str, Any], as_json: bool) -> None:
+def _show(event: EventOut, as_json: bool) -> None:
     if as_json:
-        # JSON lines: one object per line, so `stoker events -f --json | jq` works
-        typer.echo(json.dumps(event, sort_keys=True))
+        # JSON lines: one object per line, so `stoker events -f --json | jq` works (the
+        # indented client.dumps would spread one event over many lines)
+        typer.echo(json.dumps(event.model_dump(mode="json"), sort_keys=True))
         return
-    style = LEVEL_STYLE.get(event["type"], "cyan")
-    at = str(event["at"]).replace("T", " ")[:23]
-    out.print(f"[dim]{at}[/] [{style}]{event['type']:<24}[/] {event['message']}", highlight=False)
+    style = LEVEL_STYLE.get(event.type, "cyan")
+    at = iso(event.at).replace("T", " ")[:23]
+    out.print(f"[dim]{at}[/] [{style}]{event.type:<24}[/] {event.message}", highlight=False)

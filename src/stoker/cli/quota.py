@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import typer
 from rich.table import Table
 
 from stoker.cli.common import JSON_OPTION, client, err, handle_errors, out, print_json
 from stoker.domain.units import GiB, MiB
+from stoker.wire import QuotaOut
 
 app = typer.Typer(
     help="Per-VM quotas: CPU cap, memory, disk size, IOPS and bandwidth, network.",
@@ -44,8 +44,10 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="quota")
 
 
+Number = float | int
+
 #: How each limit's value reads (the API gives plain numbers in the quota's units).
-LIMIT_FORMAT: dict[str, Callable[[Any], str]] = {
+LIMIT_FORMAT: dict[str, Callable[[Number], str]] = {
     "cpu_percent": lambda v: f"{v}% ({v / 100:g} cores)",
     "memory_mib": "{} MiB".format,
     "disk_gib": "{} GiB".format,
@@ -56,28 +58,30 @@ LIMIT_FORMAT: dict[str, Callable[[Any], str]] = {
 }
 
 
-def _limit_text(name: str, value: Any) -> str:
+def _limit_text(name: str, value: Number | None) -> str:
     return "-" if value is None else LIMIT_FORMAT[name](value)
 
 
-def _usage_text(name: str, view: dict[str, Any]) -> str:
-    usage = view.get("usage", {})
-    if name == "cpu_percent" and usage.get("cpu_percent") is not None:
-        return f"{usage['cpu_percent']:.1f}%"
+def _usage_text(name: str, view: QuotaOut) -> str:
+    usage = view.usage
+    cpu, vmm_memory = usage.get("cpu_percent"), usage.get("memory_bytes")
+    iops, bandwidth = usage.get("disk_iops"), usage.get("disk_bytes_per_s")
+    if name == "cpu_percent" and cpu is not None:
+        return f"{cpu:.1f}%"
     if name == "memory_mib":
         guest = f"guest {usage.get('guest_memory_mib')} MiB"
-        if usage.get("memory_bytes") is not None:
-            return f"{guest}, VMM {usage['memory_bytes'] / MiB:.0f} MiB"
+        if vmm_memory is not None:
+            return f"{guest}, VMM {vmm_memory / MiB:.0f} MiB"
         return guest
     if name == "disk_gib":
         return (
-            f"{usage.get('disk_bytes', 0) / GiB:.2f} GiB "
-            f"({usage.get('disk_allocated_bytes', 0) / GiB:.2f} GiB allocated)"
+            f"{(usage.get('disk_bytes') or 0) / GiB:.2f} GiB "
+            f"({(usage.get('disk_allocated_bytes') or 0) / GiB:.2f} GiB allocated)"
         )
-    if name == "disk_iops" and usage.get("disk_iops") is not None:
-        return f"{usage['disk_iops']:.0f} ops/s"
-    if name == "disk_bytes_per_s" and usage.get("disk_bytes_per_s") is not None:
-        return f"{usage['disk_bytes_per_s'] / MB:.2f} MB/s"
+    if name == "disk_iops" and iops is not None:
+        return f"{iops:.0f} ops/s"
+    if name == "disk_bytes_per_s" and bandwidth is not None:
+        return f"{bandwidth / MB:.2f} MB/s"
     return "-"
 
 
@@ -89,40 +93,40 @@ VIOLATION_FOR = {
 }
 
 
-def _violations_text(name: str, view: dict[str, Any]) -> str:
-    counts = view.get("violations", {})
+def _violations_text(name: str, view: QuotaOut) -> str:
+    counts = view.violations
     parts = [
-        f"{kind}: {counts[kind]['episodes']}x"
+        f"{kind}: {counts[kind].episodes}x"
         for kind in VIOLATION_FOR.get(name, ())
         if kind in counts
     ]
     return ", ".join(parts) or "-"
 
 
-def _print_view(view: dict[str, Any]) -> None:
-    table = Table(title=f"{view['vm']} ({view['state']})", title_justify="left")
+def _print_view(view: QuotaOut) -> None:
+    table = Table(title=f"{view.vm} ({view.state})", title_justify="left")
     for column in ("limit", "quota", "from", "status", "usage", "violations"):
         table.add_column(column)
     for name, label in LABELS.items():
-        entry = view["limits"][name]
-        status = entry["status"]
+        entry = view.limits[name]
+        status = entry.status
         table.add_row(
             label,
-            _limit_text(name, entry["value"]),
-            entry["source"],
+            _limit_text(name, entry.value),
+            entry.source,
             f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",
             _usage_text(name, view),
             _violations_text(name, view),
         )
     out.print(table)
-    for name, entry in view["limits"].items():
-        if entry.get("reason") and entry["status"] != "pending":
-            err.print(f"[yellow]{LABELS[name]}:[/yellow] {entry['reason']}", highlight=False)
-    if view.get("cgroup"):
-        out.print(f"cgroup: {view['cgroup']}", highlight=False)
+    for name, entry in view.limits.items():
+        if entry.reason and entry.status != "pending":
+            err.print(f"[yellow]{LABELS[name]}:[/yellow] {entry.reason}", highlight=False)
+    if view.cgroup:
+        out.print(f"cgroup: {view.cgroup}", highlight=False)
 
 
-def _show(view: dict[str, Any], as_json: bool, note: str = "", table: bool = True) -> None:
+def _show(view: QuotaOut, as_json: bool, note: str = "", table: bool = True) -> None:
     """JSON for scripts; for people, the quota table and/or a one-line note."""
     if as_json:
         print_json(view)
@@ -163,7 +167,7 @@ def set_quota(
     )
     note = (
         "[green]quota applied to the running VM[/green]"
-        if view["state"] == "running"
+        if view.state == "running"
         else "quota saved; it applies when the VM starts"
     )
     _show(view, as_json, note)
@@ -203,13 +207,13 @@ def list_quotas(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     for view in views:
         cells = []
         for name in LABELS:
-            entry = view["limits"][name]
-            text = _limit_text(name, entry["value"])
-            if entry["status"] in ("failed", "not enforceable"):
-                text = f"[red]{text} ({entry['status']})[/]"
+            entry = view.limits[name]
+            text = _limit_text(name, entry.value)
+            if entry.status in ("failed", "not enforceable"):
+                text = f"[red]{text} ({entry.status})[/]"
             cells.append(text)
-        total = sum(v["episodes"] for v in view.get("violations", {}).values())
-        table.add_row(view["vm"], view["state"], *cells, str(total))
+        total = sum(v.episodes for v in view.violations.values())
+        table.add_row(view.vm, view.state, *cells, str(total))
     out.print(table)
 
 
@@ -225,4 +229,4 @@ def remove_quota(
     Example: stoker quota remove web-server
     """
     view = client(ctx).remove_quota(vm)
-    _show(view, as_json, f"quota override of {view['vm']} removed; defaults apply", table=False)
+    _show(view, as_json, f"quota override of {view.vm} removed; defaults apply", table=False)

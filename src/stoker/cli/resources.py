@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import typer
 from rich.console import Group
@@ -13,17 +14,41 @@ from rich.tree import Tree
 
 from stoker.cli.common import JSON_OPTION, client, handle_errors, out, print_json
 from stoker.domain.units import format_duration, format_size
+from stoker.wire import NodePointOut, PredictionOut, ResourcesOut, UsageOut, VMMetricsList
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32
 
-#: (label, history field, capacity key in the answer, how to show a value)
-SERIES: tuple[tuple[str, str, str, str], ...] = (
-    ("vCPUs allocated", "vcpus_allocated", "cpu_allocated", "count"),
-    ("memory allocated", "memory_allocated_bytes", "memory_allocated", "bytes"),
-    ("CPU used (cores)", "cpu_used_cores", "cpu_used", "cores"),
-    ("memory used (RSS)", "memory_used_bytes", "memory_used", "bytes"),
-)
+
+@dataclass(frozen=True)
+class Series:
+    """One row of the trend table: its value now, its history, and its prediction."""
+
+    label: str
+    resource: str  # the prediction's name for it
+    kind: str  # how to show a value: count, bytes or cores
+    now: Callable[[ResourcesOut], float | None]
+    past: Callable[[NodePointOut], float | None]
+
+
+SERIES: tuple[Series, ...] = (
+    Series(
+        "vCPUs allocated", "cpu_allocated", "count",
+        lambda r: r.allocated.vcpus, lambda p: p.vcpus_allocated,
+    ),
+    Series(
+        "memory allocated", "memory_allocated", "bytes",
+        lambda r: r.allocated.memory_bytes, lambda p: p.memory_allocated_bytes,
+    ),
+    Series(
+        "CPU used (cores)", "cpu_used", "cores",
+        lambda r: r.usage.cpu_used_cores, lambda p: p.cpu_used_cores,
+    ),
+    Series(
+        "memory used (RSS)", "memory_used", "bytes",
+        lambda r: r.usage.memory_used_bytes, lambda p: p.memory_used_bytes,
+    ),
+)  # fmt: skip
 
 
 def sparkline(values: list[float | None], width: int = SPARK_WIDTH) -> str:
@@ -59,13 +84,13 @@ def _show(value: float | None, kind: str) -> str:
     return f"{value:g}"
 
 
-def _exhaustion(prediction: dict[str, Any] | None) -> str:
+def _exhaustion(prediction: PredictionOut | None) -> str:
     if prediction is None:
         return "-"
-    level = prediction["confidence"]["level"]
-    if prediction["slope_per_hour"] is None:
-        return f"no trend yet ({prediction['confidence']['samples']} samples)"
-    seconds = prediction["exhausted_in_s"]
+    level = prediction.confidence.level
+    if prediction.slope_per_hour is None:
+        return f"no trend yet ({prediction.confidence.samples} samples)"
+    seconds = prediction.exhausted_in_s
     if seconds is None:
         return f"not growing (confidence {level})"
     if seconds == 0:
@@ -73,65 +98,57 @@ def _exhaustion(prediction: dict[str, Any] | None) -> str:
     return f"in {format_duration(max(1, round(seconds)))} (confidence {level})"
 
 
-def render_resources(data: dict[str, Any]) -> Group:
-    cap, alloc, free = data["capacity"], data["allocated"], data["available"]
+def render_resources(data: ResourcesOut) -> Group:
+    cap, alloc, free = data.capacity, data.allocated, data.available
     summary = Table(title="Node capacity", title_justify="left")
     for column in ("", "capacity", "allocated", "available"):
         summary.add_column(column, justify="right" if column else "left")
-    summary.add_row("VMs", str(cap["max_vms"]), str(alloc["vms"]), str(free["vms"]))
+    summary.add_row("VMs", str(cap.max_vms), str(alloc.vms), str(free.vms))
     summary.add_row(
         "vCPUs",
-        f"{cap['vcpus']} ({cap['physical_cpus']} CPUs x {cap['cpu_overcommit']:g})",
-        str(alloc["vcpus"]),
-        str(free["vcpus"]),
+        f"{cap.vcpus} ({cap.physical_cpus} CPUs x {cap.cpu_overcommit:g})",
+        str(alloc.vcpus),
+        str(free.vcpus),
     )
     summary.add_row(
         "memory",
-        f"{format_size(cap['memory_limit_bytes'])} ({cap['memory_headroom']:.0%} headroom kept)",
-        format_size(alloc["memory_bytes"]),
-        format_size(free["memory_bytes"]),
+        f"{format_size(cap.memory_limit_bytes)} ({cap.memory_headroom:.0%} headroom kept)",
+        format_size(alloc.memory_bytes),
+        format_size(free.memory_bytes),
     )
-    tree = Tree(f"Node total: {cap['vcpus']} vCPUs, {format_size(cap['memory_limit_bytes'])} RAM")
-    for vm in data["vms"]:
+    tree = Tree(f"Node total: {cap.vcpus} vCPUs, {format_size(cap.memory_limit_bytes)} RAM")
+    for vm in data.vms:
         tree.add(
-            f"{vm['name'] or vm['id']}: {vm['vcpus']} vCPUs, {format_size(vm['memory_bytes'])}"
-            f" [dim]({vm['state']})[/dim]"
+            f"{vm.name or vm.id}: {vm.vcpus} vCPUs, {format_size(vm.memory_bytes)}"
+            f" [dim]({vm.state})[/dim]"
         )
-    tree.add(f"Available: {free['vcpus']} vCPUs, {format_size(free['memory_bytes'])} RAM")
+    tree.add(f"Available: {free.vcpus} vCPUs, {format_size(free.memory_bytes)} RAM")
 
-    history = data.get("history") or []
-    predictions = {p["resource"]: p for p in data["predictions"]}
-    trends = Table(title=f"Trend over {format_duration(data.get('history_duration_s') or 0)}",
+    history = data.history or []
+    predictions = {p.resource: p for p in data.predictions}
+    trends = Table(title=f"Trend over {format_duration(data.history_duration_s or 0)}",
                    title_justify="left")  # fmt: skip
     for column in ("resource", "now", "history", "growth / h", "exhausted"):
         trends.add_column(column)
-    usage = data["usage"]
-    now = {
-        "vcpus_allocated": alloc["vcpus"],
-        "memory_allocated_bytes": alloc["memory_bytes"],
-        "cpu_used_cores": usage["cpu_used_cores"],
-        "memory_used_bytes": usage["memory_used_bytes"],
-    }
-    for label, field, resource, kind in SERIES:
-        prediction = predictions.get(resource)
-        slope = prediction["slope_per_hour"] if prediction else None
+    for series in SERIES:
+        prediction = predictions.get(series.resource)
+        slope = prediction.slope_per_hour if prediction else None
         trends.add_row(
-            label,
-            _show(now[field], kind),
-            sparkline([p[field] for p in history]),
-            "-" if slope is None else _show(slope, kind),
+            series.label,
+            _show(series.now(data), series.kind),
+            sparkline([series.past(p) for p in history]),
+            "-" if slope is None else _show(slope, series.kind),
             _exhaustion(prediction),
         )
     alerts = [
-        f"[red]ALERT[/red] {a['resource']} at {a['value']:.0%} (raised at {a['raise_at']:.0%})"
-        for a in data["alerts"]
-        if a["active"]
+        f"[red]ALERT[/red] {a.resource} at {a.value:.0%} (raised at {a.raise_at:.0%})"
+        for a in data.alerts
+        if a.active
     ]
     return Group(summary, tree, trends, *alerts)
 
 
-def _cell(vm: dict[str, Any], field: str, kind: str) -> str:
-    value = vm.get(field)
+def _cell(value: float | None, kind: str) -> str:
     if value is None:
         return "[dim]n/a[/dim]"
     if kind == "percent":
@@ -139,27 +156,30 @@ def _cell(vm: dict[str, Any], field: str, kind: str) -> str:
     return format_size(int(value))
 
 
-def render_top(data: dict[str, Any]) -> Table:
-    table = Table(title=f"stoker top (every {data['interval_s']:g} s)", title_justify="left")
-    columns = (
-        ("VM", "name", ""),
-        ("vCPUs", "vcpus", ""),
-        ("CPU", "cpu_percent", "percent"),
-        ("MEM (RSS)", "memory_bytes", "bytes"),
-        ("DISK READ", "disk_read_bytes", "bytes"),
-        ("DISK WRITE", "disk_write_bytes", "bytes"),
-        ("NET RX", "net_rx_bytes", "bytes"),
-        ("NET TX", "net_tx_bytes", "bytes"),
-    )
-    for title, _, kind in columns:
-        table.add_column(title, justify="right" if kind else "left")
+#: the measured columns of ``stoker top``: (title, the figure, how to show it)
+TOP_FIGURES: tuple[tuple[str, Callable[[UsageOut], float | None], str], ...] = (
+    ("CPU", lambda u: u.cpu_percent, "percent"),
+    ("MEM (RSS)", lambda u: u.memory_bytes, "bytes"),
+    ("DISK READ", lambda u: u.disk_read_bytes, "bytes"),
+    ("DISK WRITE", lambda u: u.disk_write_bytes, "bytes"),
+    ("NET RX", lambda u: u.net_rx_bytes, "bytes"),
+    ("NET TX", lambda u: u.net_tx_bytes, "bytes"),
+)
+
+
+def render_top(data: VMMetricsList) -> Table:
+    table = Table(title=f"stoker top (every {data.interval_s:g} s)", title_justify="left")
+    table.add_column("VM", justify="left")
+    table.add_column("vCPUs", justify="left")
+    for title, _, _ in TOP_FIGURES:
+        table.add_column(title, justify="right")
     reasons: set[str] = set()
-    vms = sorted(data["vms"], key=lambda v: -(v.get("cpu_percent") or 0))
+    vms = sorted(data.vms, key=lambda v: -(v.cpu_percent or 0))
     for vm in vms:
-        cells = [vm["name"], str(vm["vcpus"])]
-        cells += [_cell(vm, field, kind) for _, field, kind in columns[2:]]
+        cells = [vm.name, str(vm.vcpus)]
+        cells += [_cell(figure(vm), kind) for _, figure, kind in TOP_FIGURES]
         table.add_row(*cells)
-        reasons.update(vm["unavailable"].values())
+        reasons.update(vm.unavailable.values())
     if not vms:
         table.caption = "no running VMs"
     elif reasons:

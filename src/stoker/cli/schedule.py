@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.table import Table
 
 from stoker.cli.common import JSON_OPTION, client, fail, handle_errors, out, print_json
+from stoker.wire import ReportOut, ReportSummary, RunOut, ScheduleOut
 
 schedule_app = typer.Typer(
     help="Run VM operations (start, stop, restart, snapshot) and reports on cron schedules.",
@@ -30,12 +32,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(report_app, name="report")
 
 
-def _local(text: str | None) -> str:
-    """An API time (UTC) shown in this machine's local time."""
-    if not text:
+def _local(when: datetime | str | None) -> str:
+    """An API time (UTC; a report summary gives it as text) in this machine's local time."""
+    if not when:
         return "-"
-    when = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone()
-    return when.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _selector(items: list[str]) -> dict[str, str] | None:
@@ -50,11 +53,14 @@ def _selector(items: list[str]) -> dict[str, str] | None:
     return selector
 
 
+Row = TypeVar("Row", bound=BaseModel)
+
+
 def _print_rows(
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     as_json: bool,
     columns: tuple[str, ...],
-    cells: Callable[[dict[str, Any]], tuple[str, ...]],
+    cells: Callable[[Row], tuple[str, ...]],
 ) -> None:
     """The raw JSON with --json, else a table with one line per row."""
     if as_json:
@@ -68,19 +74,19 @@ def _print_rows(
     out.print(table)
 
 
-def _print_report(result: dict[str, Any], as_json: bool) -> None:
+def _print_report(result: ReportOut, as_json: bool) -> None:
     """The report's JSON with --json, else its text exactly as the file holds it."""
     if as_json:
-        print_json(result["report"])
+        print_json(result.report)
         return
-    sys.stdout.write(result["text"])  # the file as written: no wrapping, no markup
+    sys.stdout.write(result.text)  # the file as written: no wrapping, no markup
 
 
-def _target(row: dict[str, Any]) -> str:
-    if row.get("vm"):
-        return str(row["vm"])
-    if row.get("selector"):
-        return ",".join(f"{k}={v}" for k, v in row["selector"].items())
+def _target(row: ScheduleOut) -> str:
+    if row.vm:
+        return row.vm
+    if row.selector:
+        return ",".join(f"{k}={v}" for k, v in row.selector.items())
     return "(node)"
 
 
@@ -147,8 +153,8 @@ def add(
         print_json(row)
         return
     out.print(
-        f"schedule [bold]{row['id']}[/bold]: {row['action']} {_target(row)} at "
-        f"'{row['cron']}' ({row['tz']}); next run {_local(row['next_fire_at'])}",
+        f"schedule [bold]{row.id}[/bold]: {row.action} {_target(row)} at "
+        f"'{row.cron}' ({row.tz}); next run {_local(row.next_fire_at)}",
         highlight=False,
     )
 
@@ -166,19 +172,19 @@ def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     _print_rows(rows, as_json, columns, _schedule_cells)
 
 
-def _schedule_cells(row: dict[str, Any]) -> tuple[str, ...]:
-    last = row.get("last_run")
-    last_text = f"{last['status']} {_local(last['started_at'])}" if last else "-"
-    if row.get("running_run_id"):
-        last_text = f"running (run {row['running_run_id']})"
+def _schedule_cells(row: ScheduleOut) -> tuple[str, ...]:
+    last = row.last_run
+    last_text = f"{last.status} {_local(last.started_at)}" if last else "-"
+    if row.running_run_id:
+        last_text = f"running (run {row.running_run_id})"
     return (
-        row["id"],
-        row["name"] or "-",
+        row.id,
+        row.name or "-",
         _target(row),
-        row["action"],
-        row["cron"],
-        row["tz"],
-        _local(row["next_fire_at"]) if row["enabled"] else "[dim]disabled[/dim]",
+        row.action,
+        row.cron,
+        row.tz,
+        _local(row.next_fire_at) if row.enabled else "[dim]disabled[/dim]",
         last_text,
     )
 
@@ -204,7 +210,7 @@ def enable(ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id 
     """
     with client(ctx) as api:
         row = api.enable_schedule(ref)
-    out.print(f"enabled {row['id']}; next run {_local(row['next_fire_at'])}", highlight=False)
+    out.print(f"enabled {row.id}; next run {_local(row.next_fire_at)}", highlight=False)
 
 
 @schedule_app.command("disable")
@@ -218,15 +224,15 @@ def disable(
     """
     with client(ctx) as api:
         row = api.disable_schedule(ref)
-    out.print(f"disabled {row['id']}")
+    out.print(f"disabled {row.id}")
 
 
-def _print_run(run: dict[str, Any]) -> None:
+def _print_run(run: RunOut) -> None:
     out.print(
-        f"run {run['id']} ({run['trigger']}): [bold]{run['status']}[/bold] {run['message']}",
+        f"run {run.id} ({run.trigger}): [bold]{run.status}[/bold] {run.message}",
         highlight=False,
     )
-    for result in run.get("results") or []:
+    for result in run.results:  # free-form: one per VM or report the run acted on
         who = result.get("vm") or result.get("report") or "node"
         out.print(f"  {who}: {result['status']}: {result['message']}", highlight=False)
 
@@ -249,7 +255,7 @@ def run(
         print_json(result)
         return
     _print_run(result)
-    if result["status"] == "failed":
+    if result.status == "failed":
         raise typer.Exit(1)
 
 
@@ -271,14 +277,14 @@ def history(
     _print_rows(runs, as_json, columns, _run_cells)
 
 
-def _run_cells(run: dict[str, Any]) -> tuple[str, ...]:
+def _run_cells(run: RunOut) -> tuple[str, ...]:
     return (
-        str(run["id"]),
-        run["trigger"],
-        _local(run["fire_at"]),
-        _local(run["started_at"]),
-        run["status"],
-        run["message"],
+        str(run.id),
+        run.trigger,
+        _local(run.fire_at),
+        _local(run.started_at),
+        run.status,
+        run.message,
     )
 
 
@@ -340,9 +346,9 @@ def list_reports(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     _print_rows(rows, as_json, ("REPORT", "GENERATED", "FILE"), _report_cells)
 
 
-def _report_cells(row: dict[str, Any]) -> tuple[str, ...]:
-    label = row["label"] + (" (partial)" if row["partial"] else "")
-    return (label, _local(row["generated_at"]), row["text_path"])
+def _report_cells(row: ReportSummary) -> tuple[str, ...]:
+    label = row.label + (" (partial)" if row.partial else "")
+    return (label, _local(row.generated_at), row.text_path)
 
 
 @report_app.command("show")

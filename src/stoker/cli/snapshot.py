@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -14,12 +14,15 @@ from stoker.cli.common import (
     ago,
     client,
     err,
+    fail,
     handle_errors,
+    iso,
     out,
     print_json,
     show_answer,
 )
 from stoker.domain.units import format_size
+from stoker.wire import AutoSnapshotOut, PolicyOut, PruneOut, SnapshotOut, VMOut
 
 app = typer.Typer(
     help="Snapshots: create, restore, verify, retention policies and pruning.",
@@ -58,117 +61,116 @@ def _verdict(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[red]FAILED[/]"
 
 
-def _verified(s: dict[str, Any]) -> str:
-    v = s.get("last_verification")
+def _verified(s: SnapshotOut) -> str:
+    v = s.last_verification
     if not v:
         return "[dim]never[/]"
-    return f"{_verdict(v['ok'])}{' deep' if v['deep'] else ''} {ago(v['at'])}"
+    return f"{_verdict(v.ok)}{' deep' if v.deep else ''} {ago(v.at)}"
 
 
-def _table(snaps: list[dict[str, Any]], with_vm: bool) -> Table:
+def _table(snaps: list[SnapshotOut], with_vm: bool) -> Table:
     table = Table(box=None, pad_edge=False)
     for col in ("ID", *(("VM",) if with_vm else ()), "CREATED", "KIND", "CONTENT", "SIZE"):
         table.add_column(col)
     table.add_column("PROTECTED")
     table.add_column("VERIFIED")
     for s in snaps:
-        row = [s["id"], *((s["vm_name"],) if with_vm else ())]
+        row = [s.id, *((s.vm_name,) if with_vm else ())]
         row += [
-            f"{s['created_at'][:19].replace('T', ' ')}Z ({ago(s['created_at'])})",
-            s["kind"],
-            "memory+disks" if s["with_memory"] else "disks",
-            _size(s["size_bytes"]),
-            "yes" if s["protected"] else "",
+            f"{iso(s.created_at)[:19].replace('T', ' ')}Z ({ago(s.created_at)})",
+            s.kind,
+            "memory+disks" if s.with_memory else "disks",
+            _size(s.size_bytes),
+            "yes" if s.protected else "",
             _verified(s),
         ]
         table.add_row(*row)
     return table
 
 
-def _print_list(snaps: list[dict[str, Any]], with_vm: bool) -> None:
+def _print_list(snaps: list[SnapshotOut], with_vm: bool) -> None:
     out.print(_table(snaps, with_vm) if snaps else "no snapshots")
 
 
-def _print_created(snap: dict[str, Any], show_pause: bool = True) -> None:
+def _print_created(snap: SnapshotOut, show_pause: bool = True) -> None:
     pause = ""
-    if show_pause and snap.get("pause_s"):
-        pause = f", guest paused {snap['pause_s'] * 1000:.0f} ms"
+    if show_pause and snap.pause_s:
+        pause = f", guest paused {snap.pause_s * 1000:.0f} ms"
     out.print(
-        f"snapshot [bold]{snap['id']}[/] of {snap['vm_name']} created "
-        f"({_size(snap['size_bytes'])}{pause})",
+        f"snapshot [bold]{snap.id}[/] of {snap.vm_name} created ({_size(snap.size_bytes)}{pause})",
         highlight=False,
     )
 
 
-def _print_snapshot(s: dict[str, Any]) -> None:
-    out.print(f"[bold]{s['id']}[/]  {s['vm_name']}  {s['kind']}", highlight=False)
-    out.print(f"  created    {s['created_at']} ({ago(s['created_at'])})", highlight=False)
+def _print_snapshot(s: SnapshotOut) -> None:
+    out.print(f"[bold]{s.id}[/]  {s.vm_name}  {s.kind}", highlight=False)
+    out.print(f"  created    {iso(s.created_at)} ({ago(s.created_at)})", highlight=False)
     out.print(
-        f"  content    {'memory + disks' if s['with_memory'] else 'disks only'}, "
-        f"{_size(s['size_bytes'])}",
+        f"  content    {'memory + disks' if s.with_memory else 'disks only'}, "
+        f"{_size(s.size_bytes)}",
         highlight=False,
     )
-    if s.get("pause_s") is not None:
-        out.print(f"  paused     {s['pause_s'] * 1000:.0f} ms", highlight=False)
-    out.print(f"  protected  {'yes' if s['protected'] else 'no'}", highlight=False)
-    if s["tags"]:
-        out.print(f"  tags       {', '.join(s['tags'])}", highlight=False)
-    v = s.get("last_verification")
+    if s.pause_s is not None:
+        out.print(f"  paused     {s.pause_s * 1000:.0f} ms", highlight=False)
+    out.print(f"  protected  {'yes' if s.protected else 'no'}", highlight=False)
+    if s.tags:
+        out.print(f"  tags       {', '.join(s.tags)}", highlight=False)
+    v = s.last_verification
     if v:
         out.print(
-            f"  verified   {_verified(s)} in {v['duration_s']:.2f} s: {v['detail']}",
+            f"  verified   {_verified(s)} in {v.duration_s:.2f} s: {v.detail}",
             highlight=False,
         )
     else:
         out.print("  verified   never", highlight=False)
-    for f in s.get("files") or []:
-        out.print(f"  file       {f['name']}  {_size(f['size'])}  sha256 {f['sha256']}")
+    for f in s.files or []:
+        out.print(f"  file       {f.name}  {_size(f.size)}  sha256 {f.sha256}")
 
 
-def _print_prune(r: dict[str, Any]) -> None:
-    verb = "would remove" if r["dry_run"] else "removed"
-    out.print(f"{r['vm_name']}: policy {r['policy']} (periods in {r['timezone']})", highlight=False)
+def _print_prune(r: PruneOut) -> None:
+    verb = "would remove" if r.dry_run else "removed"
+    out.print(f"{r.vm_name}: policy {r.policy} (periods in {r.timezone})", highlight=False)
     table = Table(box=None, pad_edge=False)
     for col in ("ACTION", "ID", "CREATED", "SIZE", "WHY"):
         table.add_column(col)
-    removed = f"[red]{'remove' if r['dry_run'] else 'removed'}[/]"
-    for action, items in (("[green]keep[/]", r["keep"]), (removed, r["remove"])):
+    removed = f"[red]{'remove' if r.dry_run else 'removed'}[/]"
+    for action, items in (("[green]keep[/]", r.keep), (removed, r.remove)):
         for item in items:
             table.add_row(
                 action,
-                item["id"],
-                item["created_at"][:19],
-                _size(item["size_bytes"]),
-                ", ".join(item["reasons"]),
+                item.id,
+                iso(item.created_at)[:19],
+                _size(item.size_bytes),
+                ", ".join(item.reasons),
             )
     out.print(table)
     out.print(
-        f"{len(r['keep'])} kept, {len(r['remove'])} {verb}, "
-        f"{_size(r['freed_bytes'])} {'would be ' if r['dry_run'] else ''}freed",
+        f"{len(r.keep)} kept, {len(r.remove)} {verb}, "
+        f"{_size(r.freed_bytes)} {'would be ' if r.dry_run else ''}freed",
         highlight=False,
     )
 
 
-def _print_restored(vm: dict[str, Any], snapshot_id: str) -> None:
+def _print_restored(vm: VMOut, snapshot_id: str) -> None:
     out.print(
-        f"{vm['name']} restored from {snapshot_id}: {vm['state']} ({vm['state_reason']})",
+        f"{vm.name} restored from {snapshot_id}: {vm.state} ({vm.state_reason})",
         highlight=False,
     )
 
 
-def _print_policy(p: dict[str, Any]) -> None:
+def _print_policy(p: PolicyOut) -> None:
     out.print(
-        f"{p['vm_name']}: retention {p['retention'] or 'none'} (periods in {p['timezone']}), "
-        f"automatic snapshots {('every ' + p['interval']) if p['interval'] else 'off'}"
-        + (f", next {p['next_auto_at']}" if p.get("next_auto_at") else ""),
+        f"{p.vm_name}: retention {p.retention or 'none'} (periods in {p.timezone}), "
+        f"automatic snapshots {('every ' + p.interval) if p.interval else 'off'}"
+        + (f", next {iso(p.next_auto_at)}" if p.next_auto_at else ""),
         highlight=False,
     )
 
 
-def _print_auto(result: dict[str, Any]) -> None:
-    _print_created(result["snapshot"], show_pause=False)
-    if result.get("prune"):
-        _print_prune(result["prune"])
+def _print_auto(result: AutoSnapshotOut) -> None:
+    _print_created(result.snapshot, show_pause=False)
+    if result.prune:
+        _print_prune(result.prune)
 
 
 @app.command("create")
@@ -244,15 +246,15 @@ def restore(
     with client(ctx) as api:
         snap = api.get_snapshot(snapshot_id)
         if not yes and not typer.confirm(
-            f"restore {snap['vm_name']} to {snap['id']}? Its current disks and memory are lost"
+            f"restore {snap.vm_name} to {snap.id}? Its current disks and memory are lost"
         ):
             raise typer.Exit(1)
         result = _run(
-            f"restoring {snap['vm_name']} from {snapshot_id}",
+            f"restoring {snap.vm_name} from {snapshot_id}",
             as_json,
             lambda: api.restore_snapshot(snapshot_id),
         )
-    show_answer(result, as_json, lambda r: _print_restored(r["vm"], snapshot_id))
+    show_answer(result, as_json, lambda r: _print_restored(r.vm, snapshot_id))
 
 
 @app.command("verify")
@@ -275,12 +277,14 @@ def verify(
             as_json,
             lambda: api.verify_snapshot(snapshot_id, deep=deep),
         )
-    v = snap["last_verification"]
+    v = snap.last_verification
+    if v is None:  # the agent answers a verify with its result: this is a broken agent
+        raise fail(f"the agent verified {snapshot_id} but gave no result; try again")
     if as_json:
         print_json(snap)
     else:
-        out.print(f"{snapshot_id}: {_verdict(v['ok'])} in {v['duration_s']:.2f} s: {v['detail']}")
-    if not v["ok"]:
+        out.print(f"{snapshot_id}: {_verdict(v.ok)} in {v.duration_s:.2f} s: {v.detail}")
+    if not v.ok:
         raise typer.Exit(1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from stoker.cli.common import (
     client,
     fail,
     handle_errors,
+    iso,
     out,
     print_json,
     styled_state,
 )
+from stoker.wire import VMOut
 
 app = typer.Typer(help="Create, list and drive VMs.", no_args_is_help=True)
 
@@ -142,11 +145,11 @@ def create(
     with client(ctx) as api:
         vm = api.create_vm(spec)
         if start:
-            vm = api.start_vm(vm["id"], wait=True, timeout_s=spec.get("boot_timeout_s", 300) + 5)
+            vm = api.start_vm(vm.id, wait=True, timeout_s=spec.get("boot_timeout_s", 300) + 5)
     if as_json:
         print_json(vm)
     else:
-        out.print(f"{vm['name']} ({vm['id']}) {styled_state(vm['state'])}: {vm['state_reason']}")
+        out.print(f"{vm.name} ({vm.id}) {styled_state(vm.state)}: {vm.state_reason}")
 
 
 @app.command("list")
@@ -173,17 +176,16 @@ def list_(
     for column in ("CPU", "MEM", "PID", "RESTARTS", "ID"):
         table.add_column(column, no_wrap=True, justify="right" if column != "ID" else "left")
     for vm in vms:
-        spec = vm["spec"]
         table.add_row(
-            vm["name"],
-            styled_state(vm["state"]),
-            ago(vm["state_since"]),
-            vm["state_reason"],
-            str(spec["vcpus"]),
-            f"{spec['memory_mib']}M",
-            str(vm["process"]["pid"]) if vm.get("process") else "-",
-            str(vm["restart"]["count"]),
-            vm["id"][:8],
+            vm.name,
+            styled_state(vm.state),
+            ago(vm.state_since),
+            vm.state_reason,
+            str(vm.spec.vcpus),
+            f"{vm.spec.memory_mib}M",
+            str(vm.process.pid) if vm.process else "-",
+            str(vm.restart.count),
+            vm.id[:8],
         )
     out.print(table)
 
@@ -200,31 +202,31 @@ def show(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(vm)
         return
-    spec = vm["spec"]
-    out.print(f"[bold]{vm['name']}[/bold]  id {vm['id']}")
+    spec = vm.spec
+    out.print(f"[bold]{vm.name}[/bold]  id {vm.id}")
     out.print(
-        f"state      {styled_state(vm['state'])} since {vm['state_since']}"
-        f" ({ago(vm['state_since'])})"
+        f"state      {styled_state(vm.state)} since {iso(vm.state_since)} ({ago(vm.state_since)})"
     )
-    out.print(f"reason     {vm['state_reason']}", highlight=False)
-    out.print(f"allowed    {', '.join(vm['allowed_actions']) or '-'}")
-    if vm.get("process"):
-        out.print(f"process    pid {vm['process']['pid']} accel {vm['process']['accel']}")
+    out.print(f"reason     {vm.state_reason}", highlight=False)
+    out.print(f"allowed    {', '.join(vm.allowed_actions) or '-'}")
+    if vm.process:
+        out.print(f"process    pid {vm.process.pid} accel {vm.process.accel}")
+    out.print(f"resources  {spec.vcpus} vCPU, {spec.memory_mib} MiB, hypervisor {spec.hypervisor}")
+    restart = vm.restart
     out.print(
-        f"resources  {spec['vcpus']} vCPU, {spec['memory_mib']} MiB,"
-        f" hypervisor {spec['hypervisor']}"
+        f"restarts   {restart.count} (last {_time_or_dash(restart.last_restart_at)}, "
+        f"next retry {_time_or_dash(restart.next_retry_at)}; policy {spec.restart.policy})"
     )
-    restart = vm["restart"]
-    out.print(
-        f"restarts   {restart['count']} (last {restart['last_restart_at'] or '-'}, "
-        f"next retry {restart['next_retry_at'] or '-'}; policy {spec['restart']['policy']})"
-    )
-    if spec.get("labels"):
-        out.print("labels     " + ", ".join(f"{k}={v}" for k, v in spec["labels"].items()))
+    if spec.labels:
+        out.print("labels     " + ", ".join(f"{k}={v}" for k, v in spec.labels.items()))
     table = Table("AT", "FROM", "TO", "REASON", title="recent transitions")
-    for t in vm["transitions"]:
-        table.add_row(t["at"], t["from_state"] or "-", styled_state(t["to_state"]), t["reason"])
+    for t in vm.transitions:
+        table.add_row(iso(t.at), t.from_state or "-", styled_state(t.to_state), t.reason)
     out.print(table)
+
+
+def _time_or_dash(when: datetime | None) -> str:
+    return "-" if when is None else iso(when)
 
 
 @app.command("start")
@@ -316,7 +318,7 @@ def console(
     if as_json:
         print_json(answer)
     else:
-        typer.echo(answer["text"], nl=False)
+        typer.echo(answer.text, nl=False)
 
 
 @app.command("health")
@@ -331,40 +333,38 @@ def health(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(answer)
         return
-    colour = {"healthy": "green", "unhealthy": "red"}.get(answer["health"], "yellow")
-    since = f", since {answer['since']}" if answer.get("since") else ""
-    out.print(f"{answer['vm']}: [{colour}]{answer['health']}[/] (state {answer['state']}{since})")
-    if answer.get("reason"):
-        out.print(f"  why: {answer['reason']}", highlight=False)
-    vmm = answer["vmm"]
+    colour = {"healthy": "green", "unhealthy": "red"}.get(answer.health, "yellow")
+    since = f", since {iso(answer.since)}" if answer.since else ""
+    out.print(f"{answer.vm}: [{colour}]{answer.health}[/] (state {answer.state}{since})")
+    if answer.reason:
+        out.print(f"  why: {answer.reason}", highlight=False)
+    vmm = answer.vmm
     out.print(
-        f"  vmm: process {'alive' if vmm.get('process_alive') else 'not running'}, "
-        f"control socket {vmm.get('control_socket') or '-'}",
+        f"  vmm: process {'alive' if vmm.process_alive else 'not running'}, "
+        f"control socket {vmm.control_socket or '-'}",
         highlight=False,
     )
-    if answer.get("consecutive_failures"):
-        out.print(f"  consecutive failures: {answer['consecutive_failures']}")
-    if answer.get("last_error"):
-        out.print(f"  last error: {answer['last_error']}", highlight=False)
-    if answer.get("probes"):
+    if answer.consecutive_failures:
+        out.print(f"  consecutive failures: {answer.consecutive_failures}")
+    if answer.last_error:
+        out.print(f"  last error: {answer.last_error}", highlight=False)
+    if answer.probes:
         table = Table("PROBE", "KIND", "STATUS", "FAILURES", "LAST RESULT")
-        for probe in answer["probes"]:
+        for probe in answer.probes:
             table.add_row(
-                str(probe.get("name")),
-                str(probe.get("kind")),
-                str(probe.get("status")),
-                str(probe.get("consecutive_failures", 0)),
-                str(probe.get("last_message") or "-"),
+                probe.name,
+                probe.kind,
+                probe.status,
+                str(probe.consecutive_failures),
+                probe.last_message or "-",
             )
         out.print(table)
 
 
-def _report(vm: dict[str, Any], as_json: bool, expect: str | None = None) -> None:
+def _report(vm: VMOut, as_json: bool, expect: str | None = None) -> None:
     if as_json:
         print_json(vm)
     else:
-        out.print(
-            f"{vm['name']} {styled_state(vm['state'])}: {vm['state_reason']}", highlight=False
-        )
-    if expect and vm["state"] == "error":
+        out.print(f"{vm.name} {styled_state(vm.state)}: {vm.state_reason}", highlight=False)
+    if expect and vm.state == "error":
         raise typer.Exit(1)

@@ -49,6 +49,8 @@ class EventType(StrEnum):
     SNAPSHOT_VERIFY_FAILED = "snapshot.verify_failed"
     SNAPSHOT_PRUNED = "snapshot.pruned"
     SNAPSHOT_POLICY = "snapshot.policy"
+    SNAPSHOT_PROTECTED = "snapshot.protected"
+    SNAPSHOT_UNPROTECTED = "snapshot.unprotected"
     SNAPSHOT_AUTO_FAILED = "snapshot.auto_failed"
     SNAPSHOT_RESUMED = "snapshot.resumed"
     SNAPSHOT_RESUME_FAILED = "snapshot.resume_failed"

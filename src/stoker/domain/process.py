@@ -20,7 +20,7 @@ class ProcessRecord:
     accel: str = ""
     argv: tuple[str, ...] = ()
     #: driver-specific facts (a jail root, a metrics path, ...), JSON-safe
-    extra: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,5 +33,6 @@ class ProcessRecord:
             control_socket=str(data["control_socket"]),
             accel=str(data.get("accel", "")),
             argv=tuple(str(a) for a in data.get("argv", ())),
-            extra=dict(data.get("extra", {})),
+            # rows written before the field was renamed call it "extra"
+            facts=dict(data.get("facts", data.get("extra", {}))),
         )

@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stoker.domain.spec import Hypervisor, NetworkMode, VMSpec
+from stoker.domain.capabilities import Capabilities
+from stoker.domain.spec import NetworkMode, VMSpec
 from stoker.domain.units import GiB
 
 #: Quota fields in the order they are shown.
@@ -147,7 +148,8 @@ QEMU_USER_NET = (
     "device tc could shape); use network mode 'tap', where the limit is applied with tc on "
     "the TAP device, or the firecracker hypervisor"
 )
-QEMU_NO_NET = "the VM has no network device (network mode 'none'): there is nothing to limit"
+NO_NET = "the VM has no network device (network mode 'none'): there is nothing to limit"
+NO_DISK_THROTTLE = "this VM's hypervisor cannot throttle its disks"
 TC_NO_PPS = (
     "packets per second cannot be enforced with tc on this host (tbf and htb count bytes; a "
     "packet-rate police action needs CONFIG_NET_ACT_POLICE); use the firecracker hypervisor, "
@@ -155,11 +157,11 @@ TC_NO_PPS = (
 )
 
 
-def plan(quota: Quota, spec: VMSpec) -> Enforcement:
-    """Decide, for this VM's hypervisor and network mode, how each set limit is enforced."""
+def plan(quota: Quota, spec: VMSpec, caps: Capabilities) -> Enforcement:
+    """Decide, for what this VM's driver can do and its network mode, how each set limit is
+    enforced."""
     enforced: dict[str, str] = {}
     refused: dict[str, str] = {}
-    qemu = spec.hypervisor == Hypervisor.QEMU
     if quota.cpu_percent is not None:
         enforced["cpu_percent"] = "cgroup CPU cap (cpu.max / cpu.cfs_quota_us) on the VMM"
     if quota.memory_mib is not None:
@@ -168,19 +170,19 @@ def plan(quota: Quota, spec: VMSpec) -> Enforcement:
         enforced["disk_gib"] = "drive sizes checked at create, start and quota change"
     for name in DISK_RATE_FIELDS:
         if getattr(quota, name) is not None:
-            enforced[name] = (
-                "QEMU throttle group over all drives (QMP block_set_io_throttle)"
-                if qemu
-                else "Firecracker drive rate limiter"
-            )
+            if caps.disk_throttle is not None:
+                enforced[name] = caps.disk_throttle
+            else:
+                refused[name] = NO_DISK_THROTTLE
     mode = spec.network.mode
+    vmm_limit = {"network_mbps": caps.net_rate_limit, "network_pps": caps.net_packet_limit}
     for name in NETWORK_FIELDS:
         if getattr(quota, name) is None:
             continue
         if mode == NetworkMode.NONE:
-            refused[name] = QEMU_NO_NET
-        elif not qemu:
-            enforced[name] = "Firecracker network-interface rate limiter (rx and tx)"
+            refused[name] = NO_NET
+        elif vmm_limit[name] is not None:
+            enforced[name] = str(vmm_limit[name])
         elif mode == NetworkMode.USER:
             refused[name] = QEMU_USER_NET
         elif name == "network_pps":
@@ -188,6 +190,11 @@ def plan(quota: Quota, spec: VMSpec) -> Enforcement:
         else:
             enforced[name] = "tc tbf on the TAP (guest receive) and its ifb (guest transmit)"
     return Enforcement(enforced, refused)
+
+
+def vmm_enforces_network(caps: Capabilities) -> bool:
+    """Network limits go to the VMM itself (else the host shapes the VM's TAP)."""
+    return caps.net_rate_limit is not None
 
 
 def enforceable_part(quota: Quota, enforcement: Enforcement) -> Quota:

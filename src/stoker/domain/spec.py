@@ -115,35 +115,57 @@ class ProbeKind(StrEnum):
     EXEC = "exec"
 
 
-class Probe(Strict):
-    kind: ProbeKind
-    name: str | None = None
-    url: str | None = Field(default=None, description="for http probes")
-    expect_status: int = Field(default=200, ge=100, le=599)
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=1, le=65535, description="for tcp probes")
-    argv: list[str] | None = Field(default=None, description="for exec probes")
+class ProbeBase(Strict):
+    """What every probe kind shares: its name, timing and thresholds."""
+
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     interval_s: float = Field(default=30.0, gt=0, le=86_400)
     timeout_s: float = Field(default=1.0, gt=0, le=3600)
     failure_threshold: int = Field(default=3, ge=1, le=1000)
     success_threshold: int = Field(default=1, ge=1, le=1000)
     initial_delay_s: float = Field(default=0.0, ge=0, le=86_400)
 
-    @model_validator(mode="after")
-    def _complete(self) -> Probe:
-        if self.kind == ProbeKind.HTTP and not self.url:
-            raise ValueError("an http probe needs a url")
-        if (
-            self.kind == ProbeKind.HTTP
-            and self.url
-            and not self.url.startswith(("http://", "https://"))
-        ):
+
+class VMMProbe(ProbeBase):
+    """The VMM process answers on its control socket."""
+
+    kind: Literal[ProbeKind.VMM]
+
+
+class HTTPProbe(ProbeBase):
+    """A GET that must answer ``expect_status``."""
+
+    kind: Literal[ProbeKind.HTTP]
+    url: str = Field(max_length=2048)
+    expect_status: int = Field(default=200, ge=100, le=599)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
-        if self.kind == ProbeKind.TCP and self.port is None:
-            raise ValueError("a tcp probe needs a port")
-        if self.kind == ProbeKind.EXEC and not self.argv:
-            raise ValueError("an exec probe needs argv")
-        return self
+        return v
+
+
+class TCPProbe(ProbeBase):
+    """A TCP connection that must be accepted."""
+
+    kind: Literal[ProbeKind.TCP]
+    host: str = Field(default="127.0.0.1", max_length=253)
+    port: int = Field(ge=1, le=65535)
+
+
+class ExecProbe(ProbeBase):
+    """A host command that must exit 0."""
+
+    kind: Literal[ProbeKind.EXEC]
+    argv: list[str] = Field(min_length=1, max_length=64)
+
+
+Probe = Annotated[
+    VMMProbe | HTTPProbe | TCPProbe | ExecProbe,
+    Field(discriminator="kind", description="a health check; `kind` says which"),
+]
 
 
 class VMSpec(Strict):

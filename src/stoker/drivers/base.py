@@ -4,16 +4,43 @@ A ``Driver`` turns a spec into a running VMM process and hands back a ``VMM`` ha
 live connection to that one process. Drivers know nothing of policy (when to restart, what
 to keep); the services decide, the drivers act. A handle can be made two ways: ``spawn`` (a
 new process, our child) or ``adopt`` (a process that outlived an earlier agent).
+
+Everything a service does to a VMM is a method here; what a driver cannot do it declares in
+``capabilities`` and refuses with :class:`~stoker.domain.capabilities.Unsupported`. Services
+never reach past this protocol to a driver's own members.
 """
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from stoker.domain.capabilities import Capabilities, Unsupported
 from stoker.domain.process import ProcessRecord
 from stoker.domain.spec import VMSpec
+from stoker.host.proc import ExitStatus
+
+__all__ = [
+    "VMM",
+    "BootFailed",
+    "BootOptions",
+    "Capabilities",
+    "DiskStats",
+    "DriveThrottle",
+    "Driver",
+    "DriverError",
+    "DriverUnavailable",
+    "ExitSignal",
+    "IOLimits",
+    "ProcessRecord",
+    "Unsupported",
+    "VMMStats",
+    "VMMStatus",
+    "VMPaths",
+]
 
 
 class DriverError(Exception):
@@ -26,10 +53,6 @@ class DriverUnavailable(DriverError):
 
 class BootFailed(DriverError):
     """The VMM exited or never became ready."""
-
-
-class NotSupported(DriverError):
-    """This driver (or this VM's setup) cannot do what was asked."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +118,56 @@ class IOLimits:
     net_pps: int | None = None
 
 
+@dataclass(frozen=True)
+class DriveThrottle:
+    """The disk limits a VMM reports in force on one drive (0 means none)."""
+
+    device: str
+    iops: int
+    bytes_per_s: int
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    """What the services decide for a launch beyond the spec itself."""
+
+    #: limits a VMM takes only in its boot configuration (Firecracker's rate limiters)
+    io_limits: IOLimits | None = None
+
+
+class ExitSignal(Protocol):
+    """Resolves when the VMM process has exited (a pidfd for real processes)."""
+
+    @property
+    def exited(self) -> asyncio.Future[ExitStatus]: ...
+
+    def cancel(self) -> None:
+        """Stop watching without touching the process."""
+
+
 @runtime_checkable
 class VMM(Protocol):
     """A live handle to one VMM process."""
 
-    record: ProcessRecord
-    #: the parent's view of the process (``subprocess.Popen``) when we spawned it, else None
-    child: Any
+    @property
+    def record(self) -> ProcessRecord: ...
+
+    @property
+    def child(self) -> subprocess.Popen[bytes] | None:
+        """The parent's view of the process when we spawned it, else None (adopted)."""
+
+    def exit_signal(self) -> ExitSignal:
+        """The watch on this process's exit; the same object on every call."""
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Return once the guest is ready; raise BootFailed on timeout or VMM exit."""
 
     async def status(self, timeout_s: float) -> VMMStatus:
         """Ask the VMM for its state; raise DriverError if it does not answer in time."""
+
+    def powered_off_by_guest(self) -> bool:
+        """True once the VMM has said the guest itself asked to power off (not a crash)."""
 
     async def request_shutdown(self) -> None:
         """Ask the guest to power off (ACPI power button, Ctrl-Alt-Del); do not wait."""
@@ -122,29 +182,43 @@ class VMM(Protocol):
     async def stats(self) -> VMMStats: ...
 
     async def apply_io_limits(self, limits: IOLimits) -> None:
-        """Apply disk and network limits the VMM enforces; raise NotSupported if it cannot."""
+        """Apply disk and network limits the VMM enforces, then read them back; raise
+        DriverError if what the VMM reports differs, Unsupported if it cannot."""
+
+    async def io_limits_in_force(self) -> tuple[DriveThrottle, ...]:
+        """What the VMM reports enforcing on each drive right now."""
 
     async def save_state(self, dest: Path) -> None:
         """Save the memory and device state of a paused VM to ``dest`` (a file or directory)."""
 
+    async def cancel_state_save(self) -> bool:
+        """Cancel a state save left running (by an agent that died mid-snapshot); True if
+        one was running."""
+
     async def close(self) -> None:
-        """Drop the control connection; never touches the VMM process."""
+        """Drop the control connection and stop watching; never touches the VMM process."""
 
 
 @runtime_checkable
 class Driver(Protocol):
     """Makes VMM handles for one hypervisor."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def check(self, spec: VMSpec) -> None:
-        """Raise DriverUnavailable or NotSupported if this spec cannot run here."""
+        """Raise DriverUnavailable or Unsupported if this spec cannot run here."""
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths) -> VMM:
+    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> VMM:
         """Start a VMM for ``spec`` and return as soon as its pid is known."""
 
     async def adopt(self, spec: VMSpec, paths: VMPaths, record: ProcessRecord) -> VMM:
         """Reconnect to a VMM started earlier; raise DriverError if it is not the same one."""
 
-    async def restore(self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path) -> VMM:
+    async def restore(
+        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
+    ) -> VMM:
         """Start a fresh VMM from saved state ``state`` and leave it running."""

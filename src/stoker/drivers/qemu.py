@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,21 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from stoker.domain.spec import Accel, DriveFormat, NetworkMode, VMSpec
 from stoker.drivers.base import (
     BootFailed,
+    BootOptions,
+    Capabilities,
     DiskStats,
     DriverError,
     DriverUnavailable,
+    DriveThrottle,
     IOLimits,
-    NotSupported,
     ProcessRecord,
+    Unsupported,
     VMMStats,
     VMMStatus,
     VMPaths,
 )
 from stoker.host import kvm
-from stoker.host.proc import is_same_live_process, read_start_time, spawn_detached
+from stoker.host.proc import ExitWatch, is_same_live_process, read_start_time, spawn_detached
 from stoker.host.tsc import host_tsc_khz
 
 log = logging.getLogger("stoker.qemu")
@@ -117,10 +121,24 @@ def _quote_for_exec(path: Path) -> str:
     return f"'{text}'"
 
 
+CAPABILITIES = Capabilities(
+    graceful_stop=True,
+    pause=True,
+    memory_snapshot=True,
+    disk_throttle="QEMU throttle group over all drives (QMP block_set_io_throttle)",
+    net_rate_limit=None,
+    net_packet_limit=None,
+    user_networking=True,
+)
+#: one throttle group for every drive makes a disk limit per VM, not per drive
+THROTTLE_GROUP = "stoker-vm"
+
+
 class QemuDriver:
     """Makes ``QemuVMM`` handles; holds the host facts every launch needs."""
 
     name = "qemu"
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -162,10 +180,14 @@ class QemuDriver:
             incoming=incoming,
         )
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths) -> QemuVMM:
+    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> QemuVMM:
+        """QEMU takes its limits live once up (``apply_io_limits``): ``boot`` has nothing for
+        it yet."""
         return await self._launch(spec, paths, self.argv(spec, paths))
 
-    async def restore(self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path) -> QemuVMM:
+    async def restore(
+        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
+    ) -> QemuVMM:
         """Start QEMU waiting for migration data from ``state``, then run it."""
         vmm = await self._launch(spec, paths, self.argv(spec, paths, incoming=state))
         try:
@@ -211,7 +233,11 @@ class QemuVMM:
     """One QEMU process and our QMP connection to it."""
 
     def __init__(
-        self, spec: VMSpec, paths: VMPaths, record: ProcessRecord, child: Any = None
+        self,
+        spec: VMSpec,
+        paths: VMPaths,
+        record: ProcessRecord,
+        child: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self.spec = spec
         self.paths = paths
@@ -221,10 +247,16 @@ class QemuVMM:
         self.shutdown_reason: str | None = None  # from the QMP SHUTDOWN event
         self._events_task: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
+        self._watch: ExitWatch | None = None
 
-    @property
-    def guest_powered_off(self) -> bool:
-        """True once QEMU has said the guest itself asked to power off."""
+    def exit_signal(self) -> ExitWatch:
+        if self._watch is None:
+            self._watch = ExitWatch(self.record.pid, self.child)
+        return self._watch
+
+    def powered_off_by_guest(self) -> bool:
+        """True once QEMU has said the guest itself asked to power off (its SHUTDOWN event
+        says ``guest-shutdown``; a crash or a kill says otherwise or nothing)."""
         return self.shutdown_reason == "guest-shutdown"
 
     async def connect(self, timeout_s: float) -> QMPClient:
@@ -255,7 +287,8 @@ class QemuVMM:
         with contextlib.suppress(asyncio.CancelledError, QMPError):
             async for event in client.events:
                 if event["event"] == "SHUTDOWN":
-                    self.shutdown_reason = event.get("data", {}).get("reason")
+                    data = event.get("data")
+                    self.shutdown_reason = data.get("reason") if isinstance(data, dict) else None
 
     async def execute(
         self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 5.0
@@ -333,16 +366,17 @@ class QemuVMM:
         return VMMStats(disks=disks)
 
     async def apply_io_limits(self, limits: IOLimits) -> None:
-        if (limits.net_mbps or limits.net_pps) and self.spec.network.mode == NetworkMode.USER:
-            raise NotSupported(
-                "network limits cannot be enforced on QEMU user-mode networking; "
-                "use network mode 'tap' (limits are then applied with tc on the TAP device)"
+        """Disk limits through one throttle group, then read back from ``query-block``: the
+        originals trusted a command that had failed."""
+        if limits.net_mbps or limits.net_pps:
+            raise Unsupported(
+                "QEMU does not rate-limit its network device itself",
+                "the host shapes the VM's TAP device instead",
             )
         iops = limits.disk_iops or 0
         bps = limits.disk_bytes_per_s or 0
         # On microvm the virtio-blk-device sits on the virtio-mmio bus with no virtio-backend
-        # child: its qdev id ("vd0", as query-block shows) is the name QMP accepts. One
-        # throttle group for every drive makes the limit per VM, not per drive.
+        # child: its qdev id ("vd0", as query-block shows) is the name QMP accepts.
         for index, _drive in enumerate(self.spec.drives):
             await self.execute(
                 "block_set_io_throttle",
@@ -350,9 +384,27 @@ class QemuVMM:
                     "id": f"vd{index}",
                     "bps": bps, "bps_rd": 0, "bps_wr": 0,
                     "iops": iops, "iops_rd": 0, "iops_wr": 0,
-                    "group": "stoker-vm",
+                    "group": THROTTLE_GROUP,
                 },
             )  # fmt: skip
+        for drive in await self.io_limits_in_force():
+            if (drive.iops, drive.bytes_per_s) != (iops, bps):
+                raise DriverError(
+                    f"QEMU reports iops={drive.iops} bps={drive.bytes_per_s} on drive "
+                    f"{drive.device} after setting iops={iops} bps={bps}"
+                )
+
+    async def io_limits_in_force(self) -> tuple[DriveThrottle, ...]:
+        blocks = await self.execute("query-block")
+        return tuple(
+            DriveThrottle(
+                device=str(entry.get("qdev") or entry.get("device")),
+                iops=int((entry.get("inserted") or {}).get("iops", 0)),
+                bytes_per_s=int((entry.get("inserted") or {}).get("bps", 0)),
+                group=(entry.get("inserted") or {}).get("group"),
+            )
+            for entry in blocks
+        )
 
     async def save_state(self, dest: Path) -> None:
         """Save RAM and device state to ``dest`` (7.2 rejects ``file:`` migration URIs).
@@ -380,6 +432,19 @@ class QemuVMM:
                 raise DriverError(f"saving memory state failed: {info.get('error-desc', status)}")
             await asyncio.sleep(0.01)
 
+    async def cancel_state_save(self) -> bool:
+        """A migration an interrupted snapshot left running is cancelled, and waited for."""
+        info = await self.execute("query-migrate")
+        if info.get("status") not in ("setup", "active", "pre-switchover", "device"):
+            return False
+        await self.execute("migrate_cancel")
+        for _ in range(100):
+            info = await self.execute("query-migrate")
+            if info.get("status") not in ("active", "cancelling"):
+                break
+            await asyncio.sleep(0.05)
+        return True
+
     async def finish_incoming(self, timeout_s: float = 60.0) -> None:
         """After ``-incoming``: wait until QEMU has loaded the state, then run it."""
         loop = asyncio.get_running_loop()
@@ -399,6 +464,8 @@ class QemuVMM:
         await self.resume()
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._events_task is not None:
             self._events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

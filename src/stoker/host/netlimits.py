@@ -281,7 +281,7 @@ def read_qdisc(ifname: str, netns: str | None = None) -> dict[str, Any]:
     with ipr_in(netns) as ipr:
         index = _index(ipr, ifname, netns)
         root = _root_qdisc(ipr, index)
-        out = _describe(root) if root is not None else {"kind": None}
+        out: dict[str, Any] = _describe(root) if root is not None else {"kind": None}
         out["ingress_redirect"] = _has_ingress(ipr, index)
         ifb_index = link_index(ipr, ifb_name(ifname))
         if ifb_index is not None:

@@ -54,7 +54,7 @@ def _link_kind(ipr: IPRoute, index: int) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     if info is None:
         return None
-    kind = info.get_attr("IFLA_INFO_KIND")
+    kind: str | None = info.get_attr("IFLA_INFO_KIND")
     if kind == "tun":
         data = info.get_attr("IFLA_INFO_DATA")
         # IFLA_TUN_TYPE: 1 = tun, 2 = tap

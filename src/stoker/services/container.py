@@ -1,12 +1,27 @@
-"""The set of services one agent runs; the API reaches them through this."""
+"""The services one agent runs, as the composition root built them; the API reaches them
+through this.
+
+Every field is typed and always present: a capability is part of the agent or it is not
+written here, so no caller ever asks "is it installed?".
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
+from stoker.services.directory import VMDirectory
 from stoker.services.events import EventBus
+from stoker.services.health import HealthService
+from stoker.services.hooks import HookService
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.metrics import Metrics
+from stoker.services.quotas import QuotaService
+from stoker.services.recovery import Recovery
+from stoker.services.reports import ReportGenerator
+from stoker.services.resources import ResourceService
+from stoker.services.scheduler import Scheduler
+from stoker.services.snapshots import SnapshotHousekeeping, SnapshotService
 
 
 class Background(Protocol):
@@ -17,11 +32,21 @@ class Background(Protocol):
     async def stop(self) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Services:
-    lifecycle: Lifecycle
+    directory: VMDirectory
     events: EventBus
-    #: later capabilities register here by name (health, resources, quotas, snapshots, ...)
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: started after VMs are re-adopted, stopped (in reverse) before the agent lets go of them
-    background: list[Background] = field(default_factory=list)
+    lifecycle: Lifecycle
+    resources: ResourceService
+    metrics: Metrics
+    health: HealthService
+    recovery: Recovery
+    hooks: HookService
+    quotas: QuotaService
+    snapshots: SnapshotService
+    snapshot_housekeeping: SnapshotHousekeeping
+    scheduler: Scheduler
+    reports: ReportGenerator
+    #: started in this order after VMs are re-adopted, stopped in reverse before the agent
+    #: lets go of them
+    background: tuple[Background, ...]

@@ -11,10 +11,11 @@ class ServiceError(Exception):
     status = 400
     title = "Bad request"
 
-    def __init__(self, detail: str, **extra: Any) -> None:
+    def __init__(self, detail: str, **members: Any) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.extra = extra
+        #: problem+json extension members (RFC 9457): ``errors``, ``resource``, ...
+        self.members = members
 
 
 class NotFound(ServiceError):
@@ -35,3 +36,8 @@ class InvalidSpec(ServiceError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+class StartVeto(Exception):
+    """Raised by a start guard that refuses a start (a vetoing hook, a quota misfit); the
+    lifecycle answers it with a 409 naming who refused."""

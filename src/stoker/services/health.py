@@ -27,35 +27,53 @@ Hooks are configured in ``[hooks]`` (see ``stoker.services.hooks``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
 from pydantic import ConfigDict, Field
 
-from stoker.api.schemas import HealthOut
-from stoker.config import AgentConfig, ConfigError, section
 from stoker.domain import health as verdicts
 from stoker.domain.events import Event, EventType
 from stoker.domain.health import Health, ProbeState, Result
-from stoker.domain.spec import Probe, ProbeKind
+from stoker.domain.spec import Probe, ProbeKind, VMMProbe
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
 from stoker.services import probes as checks
-from stoker.services.container import Services
+from stoker.services.directory import VMDirectory, VMMLiveness
 from stoker.services.events import EventBus
-from stoker.services.hooks import HooksConfig, HookService
-from stoker.services.lifecycle import Lifecycle
-from stoker.services.recovery import Recovery, WatchdogConfig
-from stoker.store.db import Database, to_iso
+from stoker.services.recovery import WatchdogConfig
 from stoker.store.health import HealthStore
 
 log = logging.getLogger("stoker.health")
 
-ProbeListener = Callable[[VM, str, bool, str], Any]
+
+class ProbeObserver(Protocol):
+    def probe_result(self, vm: VM, probe: str, ok: bool, message: str) -> None:
+        """Every single probe result (hooks' ``on_health_check``); must not block."""
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """One probe's state with the settings it runs under (None for a retired probe)."""
+
+    state: ProbeState
+    probe: Probe | None
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    vm: VM
+    health: Health
+    vmm: VMMLiveness
+    probes: tuple[ProbeReport, ...]
+    consecutive_failures: int
+    last_error: str | None
+    since: datetime | None
+    reason: str | None
 
 
 class HealthConfig(WatchdogConfig):
@@ -68,24 +86,26 @@ class HealthConfig(WatchdogConfig):
 
 
 class HealthService:
+    """Probe loops per running VM and the verdict; an unhealthy verdict is published as a
+    ``vm.health`` event, which recovery acts on."""
+
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        directory: VMDirectory,
         events: EventBus,
         store: HealthStore,
         config: HealthConfig,
+        probe_observers: Sequence[ProbeObserver] = (),
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.lifecycle = lifecycle
+        self.directory = directory
         self.events = events
         self.store = store
         self.config = config
+        self.probe_observers = tuple(probe_observers)
         self.clock = clock or (lambda: datetime.now(UTC))
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._probes: dict[str, dict[str, ProbeState]] = {}
-        #: told when a running VM turns unhealthy (recovery), and of every result (hooks)
-        self.on_unhealthy: list[Callable[[str, str], Any]] = []
-        self.on_result: list[ProbeListener] = []
 
     # ------------------------------------------------------------------------ probes
 
@@ -93,7 +113,7 @@ class HealthService:
         named = [(checks.probe_name(p, i), p) for i, p in enumerate(vm.spec.probes)]
         has_vmm = any(p.kind == ProbeKind.VMM for p in vm.spec.probes)
         if self.config.implicit_vmm_probe and not has_vmm:
-            implicit = Probe(
+            implicit = VMMProbe(
                 kind=ProbeKind.VMM,
                 name="vmm",
                 interval_s=self.config.vmm_interval_s,
@@ -104,7 +124,7 @@ class HealthService:
         return named
 
     async def vmm_up(self, vm: VM, vmm: VMM) -> None:
-        """lifecycle.on_vmm_up: (re)start this VM's probe loops against the new VMM."""
+        """A VMM came up: (re)start this VM's probe loops against it."""
         self._stop_probes(vm.id)
         named = self.probes_for(vm)
         stored = {p.name: p for p in self.store.probes(vm.id)}
@@ -146,11 +166,11 @@ class HealthService:
         self.store.save_probe(vm.id, after)
         if after.status != before.status:
             log.info("%s probe %s: %s -> %s", vm.name, name, before.status, after.status)
-        for listener in self.on_result:
+        for observer in self.probe_observers:
             try:
-                listener(vm, name, ok, message)
+                observer.probe_result(vm, name, ok, message)
             except Exception:
-                log.exception("probe result listener failed")
+                log.exception("probe result observer failed")
         verdict = verdicts.overall(list(states.values()), running=True)
         if verdict == Health.UNHEALTHY:
             why = f"probe {name} failed {after.consecutive_failures} times: {after.last_error}"
@@ -181,9 +201,6 @@ class HealthService:
             to_health=health.value,
             reason=reason,
         )
-        if health == Health.UNHEALTHY:
-            for callback in self.on_unhealthy:
-                callback(vm.id, reason)
 
     # ------------------------------------------------------------------------ events
 
@@ -197,14 +214,14 @@ class HealthService:
             self.store.delete(event.vm_id)
         elif event.type == EventType.VM_STATE and event.data.get("to_state") != VMState.RUNNING:
             self._stop_probes(event.vm_id)
-            vm = self.lifecycle.vms.get(event.vm_id)
+            vm = self.directory.find(event.vm_id)
             if vm is not None:
                 self._set_verdict(vm, Health.UNKNOWN, f"VM is {vm.state.value}")
 
     # ------------------------------------------------------------------------ report
 
-    async def report(self, vm: VM) -> HealthOut:
-        vmm = await self.lifecycle.vmm_liveness(vm.id)
+    async def report(self, vm: VM) -> HealthReport:
+        vmm = await self.directory.vmm_liveness(vm.id)
         running = vm.state == VMState.RUNNING
         states = self._probes.get(vm.id) or {p.name: p for p in self.store.probes(vm.id)}
         probes = list(states.values())
@@ -212,12 +229,11 @@ class HealthService:
         health = verdict[0] if verdict and running else Health.UNKNOWN
         failures, last_error = verdicts.worst_error(probes)
         specs = dict(self.probes_for(vm))
-        return HealthOut(
-            vm=vm.name,
-            state=vm.state,
-            health=health.value,
+        return HealthReport(
+            vm=vm,
+            health=health,
             vmm=vmm,
-            probes=[_probe_out(p, specs.get(p.name)) for p in probes],
+            probes=tuple(ProbeReport(p, specs.get(p.name)) for p in probes),
             consecutive_failures=failures,
             last_error=last_error,
             since=verdict[1] if verdict else None,
@@ -235,74 +251,3 @@ class HealthService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _probe_out(state: ProbeState, probe: Probe | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": state.name,
-        "kind": state.kind,
-        "status": state.status.value,
-        "consecutive_failures": state.consecutive_failures,
-        "consecutive_successes": state.consecutive_successes,
-        "last_message": state.last_message,
-        "last_error": state.last_error,
-        "last_at": to_iso(state.last_at) if state.last_at else None,
-        "last_ok_at": to_iso(state.last_ok_at) if state.last_ok_at else None,
-        "checks": state.checks,
-        "failures": state.failures,
-        "history": [
-            {"ok": r.ok, "message": r.message, "at": to_iso(r.at), "duration_s": r.duration_s}
-            for r in state.history
-        ],
-    }
-    if probe is not None:
-        out.update(
-            interval_s=probe.interval_s,
-            timeout_s=probe.timeout_s,
-            failure_threshold=probe.failure_threshold,
-            success_threshold=probe.success_threshold,
-        )
-    return out
-
-
-class _Stopper:
-    """Stops the background parts in the right order (hooks last, so they see the end)."""
-
-    def __init__(self, *parts: Any) -> None:
-        self.parts = parts
-
-    async def start(self) -> None:
-        for part in self.parts:
-            await part.start()
-
-    async def stop(self) -> None:
-        for part in self.parts:
-            with contextlib.suppress(Exception):
-                await part.stop()
-
-
-def install(services: Services, config: AgentConfig, db: Database) -> None:
-    """Wire health, recovery and hooks into the agent (before ``lifecycle.recover()``, so
-    re-adopted VMMs get probes and VMMs that died while the agent was down get the policy)."""
-    health_config = section(config, "health", HealthConfig)
-    hooks_config = section(config, "hooks", HooksConfig)
-    lifecycle, events = services.lifecycle, services.events
-    health = HealthService(lifecycle, events, HealthStore(db), health_config)
-    recovery = Recovery(lifecycle, events, health_config)
-    try:
-        hooks = HookService(lifecycle, events, hooks_config)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-    lifecycle.on_vmm_up.append(health.vmm_up)
-    lifecycle.pre_start.append(hooks.pre_start)
-    events.add_listener(health.on_event)
-    events.add_listener(recovery.on_event)
-    events.add_listener(hooks.on_event)
-    health.on_unhealthy.append(recovery.on_unhealthy)
-    health.on_result.append(hooks.on_probe_result)
-
-    services.extra["health"] = health
-    services.extra["recovery"] = recovery
-    services.extra["hooks"] = hooks
-    services.background.append(_Stopper(health, recovery, hooks))

@@ -51,8 +51,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from stoker.domain.events import Event, EventType
 from stoker.domain.vm import VM
+from stoker.services.directory import VMDirectory
+from stoker.services.errors import StartVeto
 from stoker.services.events import EventBus
-from stoker.services.lifecycle import Lifecycle, StartVeto
 from stoker.services.probes import OUTPUT_TAIL, run_argv, vm_address, vm_environment
 
 log = logging.getLogger("stoker.hooks")
@@ -145,19 +146,19 @@ class HookService:
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        directory: VMDirectory,
         events: EventBus,
         config: HooksConfig,
         *,
         python_hooks: dict[str, PythonHook] | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.lifecycle = lifecycle
+        self.directory = directory
         self.events = events
         self.config = config
         self.clock = clock or (lambda: datetime.now(UTC))
         self.python = python_hooks if python_hooks is not None else load_entry_points()
-        named = {h.entry_point for h in config.hook if h.kind == "python"}
+        named = {h.entry_point for h in config.hook if h.kind == "python" and h.entry_point}
         missing = sorted(n for n in named if n not in self.python)
         if missing:
             raise ValueError(
@@ -187,13 +188,13 @@ class HookService:
             names = ["on_restart"]
         else:
             return
-        vm = self.lifecycle.vms.get(event.vm_id)
+        vm = self.directory.find(event.vm_id)
         if vm is None:
             return
         for name in names:
             self.dispatch(name, vm, event.message, **event.data)
 
-    def on_probe_result(self, vm: VM, probe: str, ok: bool, message: str) -> None:
+    def probe_result(self, vm: VM, probe: str, ok: bool, message: str) -> None:
         self.dispatch(
             "on_health_check", vm, message, probe=probe, ok=ok, result="pass" if ok else "fail"
         )
@@ -212,8 +213,8 @@ class HookService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def pre_start(self, vm: VM) -> None:
-        """lifecycle.pre_start: run pre-start hooks in order; a failed veto hook refuses."""
+    async def before_start(self, vm: VM) -> None:
+        """Run pre-start hooks in order before a start; a failed veto hook refuses it."""
         payload = self.payload("pre_start", vm, "start requested")
         for hook in self.config.hook:
             if not hook.wants("pre_start", vm):

@@ -13,8 +13,7 @@ import contextlib
 import logging
 import shutil
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,24 +32,28 @@ from stoker.domain.vm import VM
 from stoker.drivers.base import (
     VMM,
     BootFailed,
+    BootOptions,
+    Capabilities,
     Driver,
     DriverError,
     DriverUnavailable,
-    NotSupported,
+    ExitSignal,
+    IOLimits,
     ProcessRecord,
+    Unsupported,
     VMPaths,
 )
 from stoker.host.proc import (
     ExitStatus,
-    ExitWatch,
     find_processes_with_arg,
     is_same_live_process,
     kill,
     read_start_time,
 )
-from stoker.services.errors import Conflict, InvalidSpec, NotFound
+from stoker.services.directory import OwnedVMM, VMDirectory
+from stoker.services.errors import Conflict, InvalidSpec, StartVeto
 from stoker.services.events import EventBus
-from stoker.store.vms import NameTaken, VMStore
+from stoker.store.vms import NameTaken
 
 log = logging.getLogger("stoker.lifecycle")
 
@@ -75,48 +78,65 @@ class NoGate:
         return None
 
 
-class StartVeto(Exception):
-    """Raised by a pre-start hook that is allowed to veto a start."""
+class CreateCheck(Protocol):
+    def check_create(self, spec: VMSpec) -> None:
+        """Raise InvalidSpec to refuse a new VM's spec (quotas: it must fit the defaults)."""
 
 
-PreStartHook = Callable[[VM], Any]
-VMMListener = Callable[[VM, VMM], Any]
+class StartGuard(Protocol):
+    async def before_start(self, vm: VM) -> None:
+        """Raise StartVeto to refuse a start; runs before capacity is reserved."""
 
 
-@dataclass
-class _Owned:
-    """A live VMM and the watch on its exit."""
+class SpawnObserver(Protocol):
+    async def vmm_spawned(self, vm: VM, pid: int) -> None:
+        """A VMM process exists (cgroup placement must happen before the guest touches RAM);
+        failures here are the observer's to report, they never stop the start."""
 
-    vmm: VMM
-    watch: ExitWatch
+
+class VMMObserver(Protocol):
+    async def vmm_up(self, vm: VM, vmm: VMM) -> None:
+        """A VMM runs its guest: after a start, a restart, a restore or a re-adoption."""
+
+
+class BootLimits(Protocol):
+    def boot_limits(self, vm: VM, capabilities: Capabilities) -> IOLimits | None:
+        """Limits a VMM can only take in its boot configuration (Firecracker's)."""
 
 
 class Lifecycle:
+    """Every collaborator arrives through the constructor: the capabilities that take part in
+    a VM's life (quotas, health, hooks, resources, snapshots) as narrow protocols, in the
+    order they are called."""
+
     def __init__(
         self,
-        vms: VMStore,
+        directory: VMDirectory,
         events: EventBus,
-        drivers: dict[str, Driver],
-        data_dir: Path,
+        drivers: Mapping[str, Driver],
         *,
         gate: ResourceGate | None = None,
+        create_checks: Sequence[CreateCheck] = (),
+        start_guards: Sequence[StartGuard] = (),
+        spawn_observers: Sequence[SpawnObserver] = (),
+        vmm_observers: Sequence[VMMObserver] = (),
+        boot_limits: BootLimits | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.vms = vms
+        self.directory = directory
+        self.vms = directory.store
         self.events = events
-        self.drivers = drivers
-        self.data_dir = data_dir
+        self.drivers = dict(drivers)
         self.gate: ResourceGate = gate or NoGate()
+        self.create_checks = tuple(create_checks)
+        self.start_guards = tuple(start_guards)
+        self.spawn_observers = tuple(spawn_observers)
+        self.vmm_observers = tuple(vmm_observers)
+        self.boot_limits = boot_limits
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._owned: dict[str, _Owned] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Condition()
-        #: called before a VMM is spawned (hooks may veto); after a VMM is up (quotas, health)
-        self.pre_start: list[PreStartHook] = []
-        self.on_vmm_up: list[VMMListener] = []
-        #: called at create with the spec; raise InvalidSpec to refuse it (quotas)
-        self.create_checks: list[Callable[[VMSpec], None]] = []
 
     # ----------------------------------------------------------------- the one path for state
 
@@ -144,20 +164,16 @@ class Lifecycle:
     # ------------------------------------------------------------------------------ queries
 
     def get(self, ref: str, transitions: int = 20) -> VM:
-        vm = self.vms.get(ref, with_transitions=transitions)
-        if vm is None:
-            raise NotFound(f"no VM named or with id {ref!r}")
-        return vm
+        return self.directory.get(ref, transitions)
 
     def _get(self, vm_id: str) -> VM:
         return self.get(vm_id, transitions=0)
 
     def paths(self, vm_id: str) -> VMPaths:
-        return VMPaths(self.data_dir / "vms" / vm_id)
+        return self.directory.paths(vm_id)
 
     def vmm(self, vm_id: str) -> VMM | None:
-        owned = self._owned.get(vm_id)
-        return owned.vmm if owned else None
+        return self.directory.vmm(vm_id)
 
     def driver_for(self, spec: VMSpec) -> Driver:
         try:
@@ -188,13 +204,13 @@ class Lifecycle:
         driver = self.driver_for(spec)
         try:
             driver.check(spec)
-        except (DriverUnavailable, NotSupported) as exc:
+        except (DriverUnavailable, Unsupported) as exc:
             raise InvalidSpec("hypervisor", str(exc)) from exc
 
     async def create(self, spec: VMSpec) -> VM:
         self.validate_host(spec)
         for check in self.create_checks:
-            check(spec)
+            check.check_create(spec)
         if self.vms.get(spec.name) is not None:
             raise Conflict(f"a VM named {spec.name!r} already exists")
         now = self.clock()
@@ -238,11 +254,9 @@ class Lifecycle:
 
     async def _start_locked(self, vm: VM, reason: str, restore_from: Path | None = None) -> None:
         self.validate_host(vm.spec)
-        for hook in self.pre_start:
+        for guard in self.start_guards:
             try:
-                result = hook(vm)
-                if asyncio.iscoroutine(result):
-                    await result
+                await guard.before_start(vm)
             except StartVeto as exc:
                 self.events.publish(
                     EventType.VM_START_VETOED, f"{vm.name}: start vetoed: {exc}", vm.id
@@ -260,23 +274,29 @@ class Lifecycle:
         """Spawn a VMM, persist its identity at once, then hand it to a supervisor."""
         paths = self.paths(vm.id)
         driver = self.driver_for(vm.spec)
+        limits = self.boot_limits.boot_limits(vm, driver.capabilities) if self.boot_limits else None
+        boot = BootOptions(io_limits=limits)
         try:
             if restore_from is not None:
-                vmm = await driver.restore(vm.id, vm.spec, paths, restore_from)
+                vmm = await driver.restore(vm.id, vm.spec, paths, restore_from, boot)
             else:
-                vmm = await driver.spawn(vm.id, vm.spec, paths)
-        except DriverError as exc:
+                vmm = await driver.spawn(vm.id, vm.spec, paths, boot)
+        except (DriverError, Unsupported) as exc:
             what = "restoring the VMM failed" if restore_from else "VMM failed to start"
             await self.set_state(vm.id, S.ERROR, f"{what}: {exc}")
             self.gate.release(vm.id)
             return
         self.vms.set_process(vm.id, vmm.record)
+        for observer in self.spawn_observers:
+            try:
+                await observer.vmm_spawned(vm, vmm.record.pid)
+            except Exception:
+                log.exception("a spawn observer failed", extra={"vm": vm.name})
         self._own(vm, vmm, boot_state, restored=restore_from is not None)
 
     def _own(self, vm: VM, vmm: VMM, boot_state: VMState | None, restored: bool = False) -> None:
-        watch = ExitWatch(vmm.record.pid, vmm.child)
-        self._owned[vm.id] = _Owned(vmm, watch)
-        self._spawn_task(self._supervise(vm.id, vmm, watch, boot_state, restored))
+        owned = self.directory.own(vm.id, vmm)
+        self._spawn_task(self._supervise(vm.id, vmm, owned.watch, boot_state, restored))
 
     def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -285,7 +305,7 @@ class Lifecycle:
         return task
 
     def _owns(self, vm_id: str, vmm: VMM) -> bool:
-        owned = self._owned.get(vm_id)
+        owned = self.directory.owned(vm_id)
         return owned is not None and owned.vmm is vmm
 
     # ------------------------------------------------------------------------- supervisor
@@ -294,7 +314,7 @@ class Lifecycle:
         self,
         vm_id: str,
         vmm: VMM,
-        watch: ExitWatch,
+        watch: ExitSignal,
         boot_state: VMState | None,
         restored: bool = False,
     ) -> None:
@@ -308,7 +328,8 @@ class Lifecycle:
                 else vmm.wait_ready(vm.spec.boot_timeout_s)
             )
             ready = asyncio.create_task(waiting)
-            await asyncio.wait({ready, watch.exited}, return_when=asyncio.FIRST_COMPLETED)
+            pending: set[asyncio.Future[Any]] = {ready, watch.exited}
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if not ready.done():
                 ready.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -328,18 +349,16 @@ class Lifecycle:
 
     async def _notify_up(self, vm_id: str, vmm: VMM) -> None:
         vm = self._get(vm_id)
-        for listener in self.on_vmm_up:
+        for observer in self.vmm_observers:
             try:
-                result = listener(vm, vmm)
-                if asyncio.iscoroutine(result):
-                    await result
+                await observer.vmm_up(vm, vmm)
             except Exception as exc:
                 log.exception("on_vmm_up listener failed")
                 self.events.publish(
                     EventType.VM_SETUP_FAILED, f"{vm.name}: setup after start failed: {exc}", vm_id
                 )
 
-    async def _boot_failed(self, vm_id: str, vmm: VMM, watch: ExitWatch, reason: str) -> None:
+    async def _boot_failed(self, vm_id: str, vmm: VMM, watch: ExitSignal, reason: str) -> None:
         async with self._lock(vm_id):
             if not self._owns(vm_id, vmm):
                 return
@@ -355,7 +374,7 @@ class Lifecycle:
                 return  # an operation that ended it on purpose handles it
             await self._disown(vm_id)
             vm = self._get(vm_id)
-            clean = getattr(vmm, "guest_powered_off", False) and status.code in (0, None)
+            clean = vmm.powered_off_by_guest() and status.code in (0, None)
             if vm.state == S.RUNNING and clean:
                 self.gate.release(vm_id)
                 await self.set_state(vm_id, S.STOPPED, "guest powered off")
@@ -364,8 +383,8 @@ class Lifecycle:
             elif vm.state in (S.RUNNING, S.RESTARTING):
                 await self.set_state(vm_id, S.ERROR, status.describe())
 
-    async def _disown(self, vm_id: str) -> _Owned | None:
-        owned = self._owned.pop(vm_id, None)
+    async def _disown(self, vm_id: str) -> OwnedVMM | None:
+        owned = self.directory.disown(vm_id)
         if owned is not None:
             await owned.vmm.close()
             self.vms.set_process(vm_id, None)
@@ -379,7 +398,7 @@ class Lifecycle:
         vm = self.get(ref, 0)
         if vm.state == S.STOPPING and not graceful:
             # escalate a graceful stop already under way
-            owned = self._owned.get(vm.id)
+            owned = self.directory.owned(vm.id)
             if owned is not None:
                 await owned.vmm.kill()
             return await self.wait_settled(vm.id, KILL_WAIT_S)
@@ -411,7 +430,7 @@ class Lifecycle:
 
     async def _end_vmm(self, vm: VM, graceful: bool, timeout_s: float | None) -> str:
         """Take the VMM from its supervisor and end it; return how it ended."""
-        owned = self._owned.pop(vm.id, None)
+        owned = self.directory.disown(vm.id)
         if owned is None:
             return "no VMM was running"
         vmm, watch = owned.vmm, owned.watch
@@ -424,7 +443,7 @@ class Lifecycle:
                 outcome = "guest shut down gracefully"
             except TimeoutError:
                 outcome = f"graceful stop timed out after {timeout:g} s: VMM killed"
-            except (DriverError, NotSupported) as exc:
+            except (DriverError, Unsupported) as exc:
                 outcome = f"graceful stop not possible ({exc}): VMM killed"
         if not watch.exited.done():
             await vmm.kill()
@@ -497,27 +516,6 @@ class Lifecycle:
 
     # ------------------------------------------------------------------------------ health
 
-    async def vmm_liveness(self, ref: str, timeout_s: float = 0.25) -> dict[str, Any]:
-        """The VMM's liveness now: is the process there, does its control socket answer?"""
-        vm = self.get(ref, 0)
-        owned = self._owned.get(vm.id)
-        result: dict[str, Any] = {
-            "process_alive": False,
-            "control_socket": None,
-            "vmm_status": None,
-        }
-        if owned is None:
-            return result
-        record = owned.vmm.record
-        result["process_alive"] = is_same_live_process(record.pid, record.start_time)
-        try:
-            status = await owned.vmm.status(timeout_s)
-            result["control_socket"] = "answering"
-            result["vmm_status"] = status.status
-        except (DriverError, NotSupported) as exc:
-            result["control_socket"] = f"not answering: {exc}"
-        return result
-
     # ---------------------------------------------------------------- agent start and stop
 
     async def recover(self) -> None:
@@ -587,11 +585,11 @@ class Lifecycle:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for vm_id, owned in list(self._owned.items()):
+        for vm_id, owned in self.directory.owned_items():
             owned.watch.cancel()
             with contextlib.suppress(Exception):
                 await owned.vmm.close()
-            self._owned.pop(vm_id, None)
+            self.directory.disown(vm_id)
 
 
 async def _wait_running(vmm: VMM, timeout_s: float) -> None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from stoker.domain.spec import NetworkMode, Probe, ProbeKind, VMSpec
+from stoker.domain.spec import ExecProbe, HTTPProbe, NetworkMode, Probe, TCPProbe, VMMProbe, VMSpec
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMM, DriverError, NotSupported
+from stoker.drivers.base import VMM, DriverError, Unsupported
 
 #: Output kept from an exec probe or hook, for the message and the event log.
 OUTPUT_TAIL = 400
@@ -103,16 +103,15 @@ async def check(probe: Probe, vm: VM, vmm: VMM | None) -> CheckResult:
 
 async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
     timeout = probe.timeout_s
-    if probe.kind == ProbeKind.VMM:
+    if isinstance(probe, VMMProbe):
         if vmm is None:
             return False, "no VMM is running"
         try:
             status = await vmm.status(timeout)
-        except (DriverError, NotSupported) as exc:
+        except (DriverError, Unsupported) as exc:
             return False, f"control socket not answering: {exc}"
         return True, f"VMM answers: {status.status}"
-    if probe.kind == ProbeKind.HTTP:
-        assert probe.url is not None
+    if isinstance(probe, HTTPProbe):
         try:
             async with httpx.AsyncClient(timeout=timeout) as http:
                 answer = await http.get(probe.url)
@@ -123,7 +122,7 @@ async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
         if answer.status_code != probe.expect_status:
             return False, f"GET {probe.url}: {answer.status_code}, expected {probe.expect_status}"
         return True, f"GET {probe.url}: {answer.status_code}"
-    if probe.kind == ProbeKind.TCP:
+    if isinstance(probe, TCPProbe):
         where = f"{probe.host}:{probe.port}"
         try:
             _, writer = await asyncio.wait_for(
@@ -137,7 +136,7 @@ async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
         with contextlib.suppress(Exception):
             await writer.wait_closed()
         return True, f"tcp {where}: connected"
-    assert probe.argv
+    assert isinstance(probe, ExecProbe)
     try:
         code, output = await run_argv(
             list(probe.argv), vm_environment(vm, STOKER_PROBE=probe.name or "exec"), timeout

@@ -72,11 +72,16 @@ class Recovery:
     # -------------------------------------------------------------------- policy: events
 
     def on_event(self, event: Event) -> None:
-        """Listener for ``vm.state`` (sync, so "is this our own restart?" is read at once)."""
+        """Listener for ``vm.state`` and ``vm.health`` (sync, so "is this our own restart?"
+        is read at once)."""
         if event.vm_id is None:
             return
         if event.type == EventType.VM_DELETED:
             self._cancel(event.vm_id)
+            return
+        if event.type == EventType.VM_HEALTH:
+            if event.data.get("to_health") == "unhealthy":
+                self.on_unhealthy(event.vm_id, str(event.data.get("reason", "")))
             return
         if event.type != EventType.VM_STATE:
             return
@@ -94,7 +99,7 @@ class Recovery:
             self._operator_took_over(vm_id, reset=True)  # an operator's start: fresh budget
 
     def on_unhealthy(self, vm_id: str, reason: str) -> None:
-        """Called by the health service when a running VM turns unhealthy."""
+        """A running VM turned unhealthy (the health service's verdict)."""
         self._spawn(self._after_stop(vm_id, "unhealthy", reason))
 
     def _spawn(self, coro: Any) -> None:

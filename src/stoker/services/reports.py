@@ -106,7 +106,7 @@ class ReportGenerator:
             raise InvalidSpec("period", f"{period!r} is not one of {', '.join(R.PERIODS)}")
         now = self.clock()
         when = day or now.astimezone(self.tz).date()
-        span = R.period_for(period, when, self.tz)  # type: ignore[arg-type]
+        span = R.period_for(period, when, self.tz)
         if span.start > now:
             raise InvalidSpec("date", f"{when.isoformat()} is in the future: nothing measured yet")
         return span
@@ -174,11 +174,11 @@ class ReportGenerator:
         transitions = self.vms.transitions_before(end)
         events = self._events(span.start, end)
         runs = self.schedules.runs_between(span.start, end)
-        vm_docs = [
+        found = [
             self._vm(vm, span.start, end, transitions.get(vm.id, []), events, runs)
             for vm in self.vms.all()
         ]
-        vm_docs = [d for d in vm_docs if d is not None]
+        vm_docs = [d for d in found if d is not None]
         run_counts = Counter(run.status for run in runs)
         return {
             "period": span.period,

@@ -40,7 +40,8 @@ class EventStore:
         after_id: int | None = None,
         limit: int = 100,
     ) -> list[Event]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if vm_id is not None:
             clauses.append("vm_id = ?")
             params.append(vm_id)

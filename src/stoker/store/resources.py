@@ -12,6 +12,7 @@ times are UTC epoch seconds (REAL): fits and range scans need numbers, not text.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -233,8 +234,8 @@ _TOTALS = (
 )
 
 
-def _allocation(row: object) -> Allocation:
-    vms, vcpus, memory = row if row is not None else (0, 0, 0)  # type: ignore[misc]
+def _allocation(row: sqlite3.Row | None) -> Allocation:
+    vms, vcpus, memory = (row[0], row[1], row[2]) if row is not None else (0, 0, 0)
     return Allocation(vms=int(vms), vcpus=int(vcpus), memory_bytes=int(memory))
 
 

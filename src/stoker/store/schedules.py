@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -199,7 +200,7 @@ class ScheduleStore:
     def record_missed(self, schedule_id: str, missed: list[datetime], at: datetime) -> None:
         with self.db.write() as conn:
             _insert_missed(conn, schedule_id, missed, at)
-            _advance(conn, schedule_id, missed)
+            _advance(conn, schedule_id, list(missed))
 
     def finish(
         self, run_id: int, status: str, at: datetime, message: str, results: list[dict[str, Any]]
@@ -279,7 +280,7 @@ def _insert_missed(
         _insert_finished(conn, schedule_id, "cron", fire, at, MISSED, MISSED_MESSAGE)
 
 
-def _advance(conn: sqlite3.Connection, schedule_id: str, fires: list[datetime | None]) -> None:
+def _advance(conn: sqlite3.Connection, schedule_id: str, fires: Sequence[datetime | None]) -> None:
     """Move last_fire_at forward to the latest of ``fires``, never back: a late writer
     never re-opens handled fires."""
     fire = max([t for t in fires if t is not None], default=None)

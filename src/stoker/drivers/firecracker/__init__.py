@@ -6,8 +6,8 @@ against Firecracker's published API specification (see tests/contract) rather th
 
 from stoker.drivers.firecracker.api import FirecrackerAPI, FirecrackerAPIError
 from stoker.drivers.firecracker.driver import (
-    FirecrackerConfig,
     FirecrackerDriver,
+    FirecrackerOptions,
     FirecrackerVMM,
     JailerConfig,
 )
@@ -16,8 +16,8 @@ from stoker.drivers.firecracker.exitcodes import exit_reason
 __all__ = [
     "FirecrackerAPI",
     "FirecrackerAPIError",
-    "FirecrackerConfig",
     "FirecrackerDriver",
+    "FirecrackerOptions",
     "FirecrackerVMM",
     "JailerConfig",
     "exit_reason",

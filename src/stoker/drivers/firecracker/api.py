@@ -335,6 +335,11 @@ class FirecrackerAPI:
         result: dict[str, Any] = await self.request("GET", "/", timeout_s=timeout_s)
         return result
 
+    async def get_vm_config(self) -> dict[str, Any]:
+        """``GET /vm/config``: the whole configuration, rate limiters included."""
+        result: dict[str, Any] = await self.request("GET", "/vm/config")
+        return result
+
     async def get_machine_config(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("GET", "/machine-config")
         return result

@@ -28,12 +28,15 @@ from stoker.domain.spec import DriveFormat, NetworkMode, VMSpec
 from stoker.domain.units import MiB, disk_rate_limiter, rate_limiter
 from stoker.drivers.base import (
     BootFailed,
+    BootOptions,
+    Capabilities,
     DiskStats,
     DriverError,
     DriverUnavailable,
+    DriveThrottle,
     IOLimits,
-    NotSupported,
     ProcessRecord,
+    Unsupported,
     VMMStats,
     VMMStatus,
     VMPaths,
@@ -94,7 +97,7 @@ class JailerConfig:
 
 
 @dataclass(frozen=True)
-class FirecrackerConfig:
+class FirecrackerOptions:
     """How this host runs Firecracker; one per agent, shared by every Firecracker VM."""
 
     binary: str | None = None  # None: $STOKER_FIRECRACKER_BIN, else `firecracker` on PATH
@@ -110,8 +113,6 @@ class FirecrackerConfig:
     balloon_mib: int | None = None
     vsock_cid: Callable[[str], int] | None = None  # vm id -> guest CID (>= 3), unique per host
     entropy: bool = False
-    #: the quota figures to enforce from boot on (vm id, spec) -> limits; None: no limits
-    limits_for: Callable[[str, VMSpec], IOLimits | None] | None = None
 
 
 def resolve_binary(configured: str | None) -> str | None:
@@ -262,7 +263,7 @@ class FirecrackerVMM:
         child: subprocess.Popen[bytes] | None,
         spec: VMSpec,
         paths: VMPaths,
-        config: FirecrackerConfig,
+        config: FirecrackerOptions,
     ) -> None:
         self.record = record
         self.child = child
@@ -272,13 +273,23 @@ class FirecrackerVMM:
         self.api = FirecrackerAPI(record.control_socket, timeout_s=config.api_timeout_s)
         self.watch = ExitWatch(record.pid, child)
         self.metrics = MetricsAccumulator()
-        self._console_offset = int(record.extra.get("console_offset", 0))
+        self._console_offset = int(record.facts.get("console_offset", 0))
 
     # ---- facts about this VM
 
     @property
     def exited(self) -> asyncio.Future[ExitStatus]:
         return self.watch.exited
+
+    def exit_signal(self) -> ExitWatch:
+        return self.watch
+
+    def powered_off_by_guest(self) -> bool:
+        """Firecracker exits with code 0 only when the guest itself resets or powers off
+        (``reboot=k``); a kill or a crash leaves a signal or another code."""
+        if not self.exited.done() or self.exited.cancelled():
+            return False
+        return self.exited.result().code == 0
 
     def exit_reason(self) -> str | None:
         """What the exit code means, once the process has exited."""
@@ -289,15 +300,15 @@ class FirecrackerVMM:
 
     @property
     def metrics_path(self) -> Path:
-        return Path(self.record.extra.get("metrics_path", self.paths.root / METRICS_FILE))
+        return Path(self.record.facts.get("metrics_path", self.paths.root / METRICS_FILE))
 
     @property
     def log_path(self) -> Path:
-        return Path(self.record.extra.get("log_path", self.paths.vmm_log))
+        return Path(self.record.facts.get("log_path", self.paths.vmm_log))
 
     @property
     def jail_root(self) -> Path | None:
-        root = self.record.extra.get("jail_root")
+        root = self.record.facts.get("jail_root")
         return Path(root) if root else None
 
     def _in_vmm(self, host_path: Path) -> str:
@@ -330,7 +341,7 @@ class FirecrackerVMM:
         """
         deadline = time.monotonic() + timeout_s
         marker = self.spec.ready_marker
-        use_marker = marker is not None and not self.record.extra.get("restored")
+        use_marker = marker is not None and not self.record.facts.get("restored")
         offset = self._console_offset
         carry = b""
         while True:
@@ -369,7 +380,7 @@ class FirecrackerVMM:
     async def request_shutdown(self) -> None:
         """Ctrl-Alt-Del on x86_64; elsewhere Firecracker has no graceful stop at all."""
         if self.config.arch != "x86_64":
-            raise NotSupported(
+            raise Unsupported(
                 f"Firecracker has no graceful shutdown on {self.config.arch} "
                 "(SendCtrlAltDel is x86_64 only): the lifecycle must stop it with kill"
             )
@@ -397,16 +408,40 @@ class FirecrackerVMM:
         disk = full_limiter(disk_rate_limiter(_nz(limits.disk_bytes_per_s), _nz(limits.disk_iops)))
         for drive_id, _, _ in drive_layout(self.spec):
             await self.api.patch_drive(drive_id, rate_limiter=disk)
+        want = (_per_second(disk, "ops"), _per_second(disk, "bandwidth"))
+        for drive in await self.io_limits_in_force() if self.spec.drives else ():
+            if (drive.iops, drive.bytes_per_s) != want:
+                raise DriverError(
+                    f"Firecracker reports iops={drive.iops} bytes/s={drive.bytes_per_s} on "
+                    f"drive {drive.device} after setting iops={want[0]} bytes/s={want[1]}"
+                )
         if self.spec.network.mode == NetworkMode.TAP:
             net = full_limiter(rate_limiter(_nz(limits.net_mbps), _nz(limits.net_pps)))
             await self.api.patch_network_interface(
                 IFACE_ID, rx_rate_limiter=net, tx_rate_limiter=net
             )
 
+    async def io_limits_in_force(self) -> tuple[DriveThrottle, ...]:
+        """The drives' rate limiters as ``GET /vm/config`` reports them, per second."""
+        config = await self.api.get_vm_config()
+        return tuple(
+            DriveThrottle(
+                device=str(drive.get("drive_id")),
+                iops=_per_second(drive.get("rate_limiter"), "ops"),
+                bytes_per_s=_per_second(drive.get("rate_limiter"), "bandwidth"),
+            )
+            for drive in config.get("drives", [])
+        )
+
+    async def cancel_state_save(self) -> bool:
+        """``PUT /snapshot/create`` finishes inside Firecracker even when its caller died:
+        there is never a save left running to cancel."""
+        return False
+
     async def save_state(self, dest: Path, snapshot_type: SnapshotType = "Full") -> None:
         """Write ``dest/vmstate`` and ``dest/memory`` of a paused VM; disks are not included."""
         if snapshot_type == "Diff" and not self.config.track_dirty_pages:
-            raise NotSupported("Diff snapshots need track_dirty_pages in the Firecracker config")
+            raise Unsupported("Diff snapshots need track_dirty_pages in the Firecracker config")
         state = (await self.status(self.config.api_timeout_s)).status
         if state != "Paused":
             raise DriverError(
@@ -433,13 +468,25 @@ class FirecrackerVMM:
 # ---------------------------------------------------------------------------- the driver
 
 
+CAPABILITIES = Capabilities(
+    graceful_stop=True,  # SendCtrlAltDel on x86_64; elsewhere request_shutdown refuses
+    pause=True,
+    memory_snapshot=True,
+    disk_throttle="Firecracker drive rate limiter",
+    net_rate_limit="Firecracker network-interface rate limiter (rx and tx)",
+    net_packet_limit="Firecracker network-interface rate limiter (rx and tx)",
+    user_networking=False,
+)
+
+
 class FirecrackerDriver:
-    """Makes Firecracker VMM handles; see FirecrackerConfig for what it can be told."""
+    """Makes Firecracker VMM handles; see FirecrackerOptions for what it can be told."""
 
     name = "firecracker"
+    capabilities = CAPABILITIES
 
-    def __init__(self, config: FirecrackerConfig | None = None) -> None:
-        self.config = config or FirecrackerConfig()
+    def __init__(self, config: FirecrackerOptions | None = None) -> None:
+        self.config = config or FirecrackerOptions()
 
     # ---- check
 
@@ -459,36 +506,38 @@ class FirecrackerDriver:
             if not probe.usable:
                 raise DriverUnavailable(f"KVM cannot run guests here: {probe.reason}")
         if spec.accel == "tcg":
-            raise NotSupported("Firecracker runs on KVM only: accel 'tcg' needs the qemu driver")
+            raise Unsupported("Firecracker runs on KVM only: accel 'tcg' needs the qemu driver")
         if spec.network.mode == NetworkMode.USER:
-            raise NotSupported(
+            raise Unsupported(
                 "Firecracker has no user-mode networking"
                 + (" and so no port forwards" if spec.network.port_forwards else "")
                 + ": use network mode 'tap' (or the qemu driver)"
             )
         for i, drive in enumerate(spec.drives):
             if drive.format != DriveFormat.RAW:
-                raise NotSupported(
+                raise Unsupported(
                     f"drive {i} ({drive.path}) is {drive.format}: Firecracker reads raw images only"
                 )
         if spec.vcpus > 32:
-            raise NotSupported(f"Firecracker allows 1 to 32 vCPUs, not {spec.vcpus}")
+            raise Unsupported(f"Firecracker allows 1 to 32 vCPUs, not {spec.vcpus}")
         if cfg.arch == "x86_64":
             with contextlib.suppress(OSError), open(spec.kernel, "rb") as f:
                 if f.read(4) != b"\x7fELF":
-                    raise NotSupported(
+                    raise Unsupported(
                         f"{spec.kernel} is not an ELF vmlinux: Firecracker on x86_64 boots an "
                         "uncompressed vmlinux, not a bzImage/vmlinuz"
                     )
         if cfg.jailer is not None and cfg.jailer.daemonize and spec.ready_marker:
-            raise NotSupported(
+            raise Unsupported(
                 "the jailer's --daemonize sends the console to /dev/null, so ready_marker "
                 "cannot be seen: drop daemonize or the marker"
             )
 
     # ---- spawn / restore / adopt
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths) -> FirecrackerVMM:
+    async def spawn(
+        self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions
+    ) -> FirecrackerVMM:
         """Start Firecracker, configure the VM through the API, and boot it (InstanceStart).
 
         Any refusal or early exit kills the process and raises BootFailed with Firecracker's
@@ -497,7 +546,7 @@ class FirecrackerDriver:
         self.check(spec)
         vmm, files = await self._launch(vm_id, spec, paths, restored=False)
         try:
-            await self._configure(vmm, vm_id, spec, files)
+            await self._configure(vmm, vm_id, spec, files, boot)
         except BaseException as exc:
             await self._abort(vmm)
             if isinstance(exc, FirecrackerAPIError):
@@ -508,7 +557,12 @@ class FirecrackerDriver:
         return vmm
 
     async def restore(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        state: Path,
+        boot: BootOptions,
     ) -> FirecrackerVMM:
         """A fresh process, logger and metrics, then snapshot load (resumed).
 
@@ -568,11 +622,11 @@ class FirecrackerDriver:
             raise DriverUnavailable(MISSING_BINARY)
         paths.root.mkdir(parents=True, exist_ok=True)
         console_offset = paths.console.stat().st_size if paths.console.exists() else 0
-        extra: dict[str, Any] = {"console_offset": console_offset, "restored": restored}
+        facts: dict[str, Any] = {"console_offset": console_offset, "restored": restored}
         if cfg.jailer is None:
             socket = paths.control_socket
-            extra["log_path"] = str(paths.vmm_log)
-            extra["metrics_path"] = str(paths.root / METRICS_FILE)
+            facts["log_path"] = str(paths.vmm_log)
+            facts["metrics_path"] = str(paths.root / METRICS_FILE)
             files = self._host_files(spec)
             argv = [binary, "--api-sock", str(socket), "--id", vm_id]
         else:
@@ -580,9 +634,9 @@ class FirecrackerDriver:
             jail = jl.jail_paths(jc.chroot_base, binary, vm_id)
             socket = jail.api_socket
             files = self._jail_files(spec, jail, jc)
-            extra["jail_root"] = str(jail.root)
-            extra["log_path"] = str(jail.host("/vmm.log"))
-            extra["metrics_path"] = str(jail.host("/" + METRICS_FILE))
+            facts["jail_root"] = str(jail.root)
+            facts["log_path"] = str(jail.host("/vmm.log"))
+            facts["metrics_path"] = str(jail.host("/" + METRICS_FILE))
             memory = None
             if jc.memory_overhead_mib is not None:
                 memory = spec.memory_mib * MiB + jc.memory_overhead_mib * MiB
@@ -629,12 +683,13 @@ class FirecrackerDriver:
             control_socket=str(socket),
             accel="kvm",
             argv=tuple(argv),
-            extra=extra,
+            facts=facts,
         )
         paths.pidfile.write_text(f"{pid}\n")
         vmm = FirecrackerVMM(record, child, spec, paths, cfg)
         waiter = asyncio.ensure_future(vmm.api.wait_socket(cfg.socket_timeout_s))
-        done, _ = await asyncio.wait({waiter, vmm.exited}, return_when=asyncio.FIRST_COMPLETED)
+        exited: asyncio.Future[Any] = vmm.exited
+        done, _ = await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError, DriverError):
@@ -704,12 +759,18 @@ class FirecrackerDriver:
         await vmm.api.put_metrics(vmm._in_vmm(vmm.metrics_path))
 
     async def _configure(
-        self, vmm: FirecrackerVMM, vm_id: str, spec: VMSpec, files: dict[str, str]
+        self,
+        vmm: FirecrackerVMM,
+        vm_id: str,
+        spec: VMSpec,
+        files: dict[str, str],
+        boot: BootOptions,
     ) -> None:
+        """The quota's limits go into the boot configuration (``boot.io_limits``): a
+        Firecracker drive or interface has its rate limiter from its first I/O."""
         cfg = self.config
         api = vmm.api
-        limits = cfg.limits_for(vm_id, spec) if cfg.limits_for else None
-        limits = limits or IOLimits()
+        limits = boot.io_limits or IOLimits()
         await api.put_machine_config(
             spec.vcpus, spec.memory_mib, track_dirty_pages=cfg.track_dirty_pages
         )
@@ -750,3 +811,10 @@ class FirecrackerDriver:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(vmm.exited), 2.0)
         await vmm.api.aclose()
+
+
+def _per_second(limiter: dict[str, Any] | None, bucket: str) -> int:
+    """A token bucket's sustained rate (size per refill time) in units per second."""
+    spec = (limiter or {}).get(bucket) or {}
+    size, refill_ms = int(spec.get("size", 0)), int(spec.get("refill_time", 0))
+    return round(size * 1000 / refill_ms) if size and refill_ms else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,8 +23,9 @@ from stoker.domain.quota import (
     Quota,
     enforceable_part,
     plan,
+    vmm_enforces_network,
 )
-from stoker.domain.spec import Hypervisor, NetworkMode, VMSpec
+from stoker.domain.spec import NetworkMode, VMSpec
 from stoker.domain.units import (
     MiB,
     mbps_to_bytes_per_s,
@@ -31,7 +33,7 @@ from stoker.domain.units import (
     vmm_memory_limit_bytes,
 )
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMM, DriverError, IOLimits, NotSupported
+from stoker.drivers.base import VMM, Capabilities, DriverError, IOLimits, Unsupported
 from stoker.host import netlimits
 from stoker.host.cgroups import CgroupBackend, CgroupError
 from stoker.services.quotas.errors import QuotaApplyError
@@ -50,28 +52,35 @@ class Applied:
     cgroup: str | None = None
 
 
-def to_io_limits(quota: Quota, spec: VMSpec) -> IOLimits:
-    """The limits the VMM enforces itself. Network figures only for Firecracker: QEMU's
-    TAP traffic is shaped with tc by this service, and user-mode traffic cannot be."""
-    firecracker = spec.hypervisor == Hypervisor.FIRECRACKER
+CapabilitiesOf = Callable[[VMSpec], Capabilities]
+
+
+def to_io_limits(quota: Quota, caps: Capabilities) -> IOLimits:
+    """The limits the VMM enforces itself. Network figures only for a VMM that limits its
+    network itself: otherwise the host shapes the VM's TAP, and user-mode traffic cannot be
+    shaped at all."""
+    own_network = vmm_enforces_network(caps)
     return IOLimits(
         disk_iops=quota.disk_iops,
         disk_bytes_per_s=quota.disk_bytes_per_s,
-        net_mbps=quota.network_mbps if firecracker else None,
-        net_pps=quota.network_pps if firecracker else None,
+        net_mbps=quota.network_mbps if own_network else None,
+        net_pps=quota.network_pps if own_network else None,
     )
 
 
-def _is_tap(spec: VMSpec, hypervisor: Hypervisor) -> bool:
-    return spec.hypervisor == hypervisor and spec.network.mode == NetworkMode.TAP
+def _host_shapes_tap(spec: VMSpec, caps: Capabilities) -> bool:
+    return spec.network.mode == NetworkMode.TAP and not vmm_enforces_network(caps)
 
 
 class Enforcer:
     """Applies quotas to running VMMs and remembers, per VM, what the last application did."""
 
-    def __init__(self, cgroups: VMCgroups, overhead_bytes: int) -> None:
+    def __init__(
+        self, cgroups: VMCgroups, overhead_bytes: int, capabilities_of: CapabilitiesOf
+    ) -> None:
         self.cgroups = cgroups
         self.overhead_bytes = overhead_bytes
+        self.capabilities_of = capabilities_of
         #: vm_id -> the last application (kept when it failed: the view shows why)
         self.last: dict[str, Applied] = {}
 
@@ -88,7 +97,7 @@ class Enforcer:
 
         Failures are only logged: ``apply`` runs again once the VMM is up and reports them.
         """
-        quota = enforceable_part(quota, plan(quota, spec))
+        quota = enforceable_part(quota, plan(quota, spec, self.capabilities_of(spec)))
         probe = Applied(at=datetime.now(UTC))
         try:
             await asyncio.to_thread(self.cgroups.place, vm.id, pid)
@@ -103,7 +112,8 @@ class Enforcer:
         refused earlier). Raises QuotaApplyError naming each limit that did not take effect.
         """
         spec = vm.spec
-        enforcement = plan(quota, spec)
+        caps = self.capabilities_of(spec)
+        enforcement = plan(quota, spec, caps)
         quota = enforceable_part(quota, enforcement)
         applied = Applied(at=datetime.now(UTC))
         self.last[vm.id] = applied
@@ -119,8 +129,8 @@ class Enforcer:
             applied.cgroup = self.cgroups.path(vm.id)
         if applied.cgroup is not None:
             await asyncio.to_thread(self._apply_cgroup, vm, quota, applied)
-        await _apply_vmm_limits(vm, vmm, quota, enforcement, applied)
-        if _is_tap(spec, Hypervisor.QEMU):
+        await _apply_vmm_limits(vm, vmm, quota, caps, enforcement, applied)
+        if _host_shapes_tap(spec, caps):
             await asyncio.to_thread(_shape_tap, vm, quota, applied)
         if quota.disk_gib is not None:
             applied.enforced["disk_gib"] = enforcement.enforced["disk_gib"]
@@ -155,43 +165,32 @@ class Enforcer:
 
 
 async def _apply_vmm_limits(
-    vm: VM, vmm: VMM, quota: Quota, enforcement: Enforcement, applied: Applied
+    vm: VM,
+    vmm: VMM,
+    quota: Quota,
+    caps: Capabilities,
+    enforcement: Enforcement,
+    applied: Applied,
 ) -> None:
-    """Disk rates (and Firecracker's network rates) are enforced by the VMM itself."""
+    """Disk rates (and network rates, for a VMM that limits them) are enforced by the VMM
+    itself, which reads them back."""
     spec = vm.spec
+    own_network = spec.network.mode == NetworkMode.TAP and vmm_enforces_network(caps)
     fields = [
-        *(DISK_RATE_FIELDS if spec.drives else ()),
-        *(NETWORK_FIELDS if _is_tap(spec, Hypervisor.FIRECRACKER) else ()),
+        *(DISK_RATE_FIELDS if spec.drives and caps.disk_throttle else ()),
+        *(NETWORK_FIELDS if own_network else ()),
     ]
     if not fields:
         return
     wanted = [name for name in fields if getattr(quota, name) is not None]
     try:
-        await vmm.apply_io_limits(to_io_limits(quota, spec))
-        if spec.hypervisor == Hypervisor.QEMU and spec.drives:
-            await _verify_qemu_throttle(vmm, quota)
-    except (DriverError, NotSupported) as exc:
+        await vmm.apply_io_limits(to_io_limits(quota, caps))
+    except (DriverError, Unsupported) as exc:
         for name in wanted:
             applied.failed[name] = str(exc)
         return
     for name in wanted:
         applied.enforced[name] = f"{enforcement.enforced[name]}: {getattr(quota, name)}"
-
-
-async def _verify_qemu_throttle(vmm: VMM, quota: Quota) -> None:
-    """Read the limits back from QEMU: the originals trusted a command that had failed."""
-    execute = getattr(vmm, "execute", None)
-    if execute is None:
-        return
-    want = {"iops": quota.disk_iops or 0, "bps": quota.disk_bytes_per_s or 0}
-    for entry in await execute("query-block"):
-        inserted = entry.get("inserted") or {}
-        got = {k: inserted.get(k, 0) for k in want}
-        if got != want:
-            raise DriverError(
-                f"QEMU reports {got} on drive {entry.get('qdev') or entry.get('device')} "
-                f"after setting {want}"
-            )
 
 
 def _shape_tap(vm: VM, quota: Quota, applied: Applied) -> None:

@@ -19,10 +19,10 @@ from stoker.domain.events import EventType
 from stoker.domain.quota import Quota, Sample, rates, violations
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMM, DriverError, NotSupported
+from stoker.drivers.base import VMM, DriverError, Unsupported
 from stoker.host.cgroups import CgroupBackend, CgroupError
+from stoker.services.directory import VMDirectory
 from stoker.services.events import EventBus
-from stoker.services.lifecycle import Lifecycle
 from stoker.services.quotas.notify import announce
 from stoker.store.quotas import QuotaStore
 
@@ -44,14 +44,14 @@ class QuotaMonitor:
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        directory: VMDirectory,
         events: EventBus,
         store: QuotaStore,
         quota_of: Callable[[str], Quota],
         cgroups_of: Callable[[str], CgroupBackend | None],
         disk_at_limit_ratio: float,
     ) -> None:
-        self.lifecycle = lifecycle
+        self.directory = directory
         self.events = events
         self.store = store
         self.quota_of = quota_of
@@ -89,7 +89,7 @@ class QuotaMonitor:
 
             await asyncio.to_thread(read)
         if vm.spec.drives:
-            with contextlib.suppress(DriverError, NotSupported, TimeoutError):
+            with contextlib.suppress(DriverError, Unsupported, TimeoutError):
                 stats = await vmm.stats()
                 values["disk_ops"] = sum(d.read_ops + d.write_ops for d in stats.disks)
                 values["disk_bytes"] = sum(d.read_bytes + d.write_bytes for d in stats.disks)
@@ -97,8 +97,8 @@ class QuotaMonitor:
 
     async def check_once(self) -> None:
         """One monitoring round over every running VM."""
-        for vm in self.lifecycle.vms.all(VMState.RUNNING):
-            vmm = self.lifecycle.vmm(vm.id)
+        for vm in self.directory.all(VMState.RUNNING):
+            vmm = self.directory.vmm(vm.id)
             if vmm is None:
                 continue
             try:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from stoker.domain.events import EventType
 from stoker.domain.vm import VM
 from stoker.services.events import EventBus
 
 
-def announce(events: EventBus, vm: VM, type: str, message: str, **data: Any) -> None:
+def announce(events: EventBus, vm: VM, type: EventType, message: str, **data: Any) -> None:
     """Publish a quota event about ``vm``."""
     events.publish(type, f"{vm.name}: {message}", vm.id, name=vm.name, **data)

@@ -2,23 +2,17 @@
 
 Memory is charged to the cgroup a page is first touched in and is not moved with the process
 (v1 here refuses move_charge_at_immigrate, v2 never moves it), so the VMM is moved into its
-VM's cgroup right after spawn, before the guest touches its RAM: that is what
-:class:`CgroupPlacingDriver` is for. The cgroup backend is opened on first use, so an agent on
+VM's cgroup right after spawn, before the guest touches its RAM: the quota service is a
+spawn observer of the lifecycle for that. The cgroup backend is opened on first use, so an agent on
 a host without usable cgroups still runs and says why CPU and memory limits fail.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from stoker.domain.spec import VMSpec
 from stoker.host.cgroups import CgroupBackend, CgroupError, backend_for
-
-#: Called with (vm_id, spec, pid) as soon as a VMM process exists.
-OnSpawn = Callable[[str, VMSpec, int], Awaitable[None]]
 
 
 class VMCgroups:
@@ -53,25 +47,3 @@ class VMCgroups:
         if self.backend is not None:
             with contextlib.suppress(CgroupError, ValueError, OSError):
                 self.backend.remove(vm_id, move_strays=False)
-
-
-class CgroupPlacingDriver:
-    """Wraps a driver so every VMM it starts is in its cgroup within moments of its spawn."""
-
-    def __init__(self, inner: Any, on_spawn: OnSpawn) -> None:
-        self._inner = inner
-        self._on_spawn = on_spawn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: Any) -> Any:
-        return await self._placed(vm_id, spec, await self._inner.spawn(vm_id, spec, paths))
-
-    async def restore(self, vm_id: str, spec: VMSpec, paths: Any, state: Path) -> Any:
-        vmm = await self._inner.restore(vm_id, spec, paths, state)
-        return await self._placed(vm_id, spec, vmm)
-
-    async def _placed(self, vm_id: str, spec: VMSpec, vmm: Any) -> Any:
-        await self._on_spawn(vm_id, spec, vmm.record.pid)
-        return vmm

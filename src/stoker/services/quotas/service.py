@@ -3,6 +3,11 @@
 It decides (which quota is in effect, whether it fits the VM, when to apply it) and keeps the
 per-VM lock that serialises changes; placing VMMs in cgroups, making limits bind and watching
 for violations are delegated to :mod:`.placement`, :mod:`.enforce` and :mod:`.monitor`.
+
+For the lifecycle it is a create check (a new VM must fit the default quota), a start guard
+(the effective quota must fit), a spawn observer (the VMM goes into its cgroup before the guest
+touches its RAM), a VMM observer (every limit applied and read back once the VMM is up) and the
+source of the limits a VMM takes only at boot.
 """
 
 from __future__ import annotations
@@ -10,15 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
+from stoker.domain.capabilities import Capabilities
 from stoker.domain.events import Event, EventType
 from stoker.domain.quota import (
+    Enforcement,
     Quota,
     QuotaProblem,
+    ViolationCount,
     check_fits,
     enforceable_part,
     merge,
@@ -27,13 +36,14 @@ from stoker.domain.quota import (
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMM, DriverError, IOLimits
-from stoker.host.cgroups import CgroupBackend, CgroupError
-from stoker.services.container import Services
-from stoker.services.errors import InvalidSpec
-from stoker.services.lifecycle import StartVeto
+from stoker.drivers.base import VMM, DriverError, DriveThrottle, IOLimits, Unsupported
+from stoker.host.cgroups import CgroupError
+from stoker.services.directory import VMDirectory
+from stoker.services.errors import InvalidSpec, StartVeto
+from stoker.services.events import EventBus
+from stoker.services.quotas.config import QuotasConfig
 from stoker.services.quotas.drives import drive_sizes
-from stoker.services.quotas.enforce import Enforcer, to_io_limits
+from stoker.services.quotas.enforce import Applied, CapabilitiesOf, Enforcer, to_io_limits
 from stoker.services.quotas.errors import (
     QuotaApplyError,
     QuotaInvalid,
@@ -44,44 +54,62 @@ from stoker.services.quotas.errors import (
 from stoker.services.quotas.monitor import QuotaMonitor
 from stoker.services.quotas.notify import announce
 from stoker.services.quotas.placement import VMCgroups
-from stoker.services.quotas.settings import QuotasConfig
-from stoker.services.quotas.view import observed_drives, quota_view
 from stoker.store.quotas import QuotaStore
 
 log = logging.getLogger("stoker.quotas")
 
 
-class QuotaService:
-    """Registered as ``services.extra["quotas"]``; the API routes and lifecycle hooks call it."""
+@dataclass(frozen=True)
+class QuotaReport:
+    """Everything the quota view of one VM is made from (the API shapes it)."""
 
-    def __init__(self, services: Services, config: QuotasConfig, store: QuotaStore) -> None:
-        self.services = services
-        self.lifecycle = services.lifecycle
-        self.events = services.events
+    vm: VM
+    defaults: Quota
+    override: Quota | None
+    enforcement: Enforcement
+    applied: Applied | None
+    running: bool
+    usage: dict[str, Any]
+    violations: list[ViolationCount]
+    overhead_bytes: int
+    #: what the VMM reports in force on its drives now, or why it could not say
+    observed: tuple[DriveThrottle, ...] | None = None
+    observed_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective(self) -> Quota:
+        return merge(self.defaults, self.override)
+
+
+class QuotaService:
+    def __init__(
+        self,
+        directory: VMDirectory,
+        events: EventBus,
+        store: QuotaStore,
+        config: QuotasConfig,
+        capabilities_of: CapabilitiesOf,
+        cgroups: VMCgroups | None = None,
+    ) -> None:
+        self.directory = directory
+        self.events = events
         self.config = config
         self.defaults = config.defaults()
         self.store = store
+        self.capabilities_of = capabilities_of
         self.overhead_bytes = config.overhead_bytes
-        self.cgroups = VMCgroups(config.cgroup_root, config.cgroup_parent)
-        self.enforcer = Enforcer(self.cgroups, self.overhead_bytes)
+        self.cgroups = cgroups or VMCgroups(config.cgroup_root, config.cgroup_parent)
+        self.enforcer = Enforcer(self.cgroups, self.overhead_bytes, capabilities_of)
         self.monitor = QuotaMonitor(
-            self.lifecycle,
-            self.events,
+            directory,
+            events,
             store,
             quota_of=self.effective,
             cgroups_of=self.enforcer.placed_cgroups,
             disk_at_limit_ratio=config.disk_at_limit_ratio,
         )
         self._locks: dict[str, asyncio.Lock] = {}
-
-    @property
-    def _cgroups(self) -> CgroupBackend | None:
-        """The cgroup backend once opened; unit tests put one on a fake tree here."""
-        return self.cgroups.backend
-
-    @_cgroups.setter
-    def _cgroups(self, backend: CgroupBackend | None) -> None:
-        self.cgroups.backend = backend
 
     # ------------------------------------------------------------------ reading quotas
 
@@ -98,14 +126,16 @@ class QuotaService:
     def effective(self, vm_id: str) -> Quota:
         return merge(self.defaults, self.override(vm_id))
 
-    def io_limits_for(self, vm_id: str, spec: VMSpec) -> IOLimits:
-        """For Firecracker's boot-time configuration (its ``limits_for`` hook)."""
-        quota = self.effective(vm_id)
-        return to_io_limits(enforceable_part(quota, plan(quota, spec)), spec)
+    def boot_limits(self, vm: VM, capabilities: Capabilities) -> IOLimits:
+        """The limits a VMM takes in its boot configuration (Firecracker's rate limiters)."""
+        quota = self.effective(vm.id)
+        return to_io_limits(
+            enforceable_part(quota, plan(quota, vm.spec, capabilities)), capabilities
+        )
 
-    # ------------------------------------------------------------------ lifecycle hooks
+    # ------------------------------------------------------------------ the lifecycle's calls
 
-    def check_spec(self, spec: VMSpec) -> None:
+    def check_create(self, spec: VMSpec) -> None:
         """At create: the default quota must fit the new VM (guest RAM, drive sizes)."""
         problems = _misfits(self.defaults, spec)
         if problems:
@@ -115,20 +145,17 @@ class QuotaService:
                 f"exceeds the default quota: {p.message}",
             )
 
-    def pre_start(self, vm: VM) -> None:
+    async def before_start(self, vm: VM) -> None:
         problems = _misfits(self.effective(vm.id), vm.spec)
         if problems:
             raise StartVeto("quota: " + joined(problem_pairs(problems)))
 
-    async def place_early(self, vm_id: str, spec: VMSpec, pid: int) -> None:
-        """Right after spawn (see :mod:`.placement`). A VMM of no registered VM (a snapshot's
-        throwaway verification copy) has no quota."""
-        vm = self.lifecycle.vms.get(vm_id)
-        if vm is None:
-            return
-        await self.enforcer.place_early(vm, spec, self.effective(vm_id), pid)
+    async def vmm_spawned(self, vm: VM, pid: int) -> None:
+        """Right after spawn (see :mod:`.placement`): into the VM's cgroup with its CPU and
+        memory limits, before the guest touches its RAM."""
+        await self.enforcer.place_early(vm, vm.spec, self.effective(vm.id), pid)
 
-    async def on_vmm_up(self, vm: VM, vmm: VMM) -> None:
+    async def vmm_up(self, vm: VM, vmm: VMM) -> None:
         """Every start, restart and re-adoption: into the VM's cgroup, then every limit."""
         async with self._lock(vm.id):
             try:
@@ -157,7 +184,10 @@ class QuotaService:
         vm_id = event.vm_id
         if vm_id is None:
             return
-        if event.type == EventType.VM_STATE and event.data.get("to_state") in ("stopped", "error"):
+        if event.type == EventType.VM_STATE and event.data.get("to_state") in (
+            "stopped",
+            "error",
+        ):
             self._forget_runtime(vm_id)
         elif event.type == EventType.VM_DELETED:
             self._forget_runtime(vm_id)
@@ -176,14 +206,14 @@ class QuotaService:
 
     # ------------------------------------------------------------------ operator requests
 
-    async def set(self, ref: str, override: Quota) -> dict[str, Any]:
+    async def set(self, ref: str, override: Quota) -> QuotaReport:
         """Replace the VM's override; applied live when it runs; persisted once it binds."""
-        vm = self.lifecycle.get(ref, 0)
+        vm = self.directory.get(ref, 0)
         if override.is_empty():
             raise InvalidSpec("quota", "no limit given: set at least one field")
         new = merge(self.defaults, override)
         problems = _misfits(new, vm.spec)
-        refused = plan(override, vm.spec).unenforceable
+        refused = plan(override, vm.spec, self.capabilities_of(vm.spec)).unenforceable
         problems += [QuotaProblem(name, reason) for name, reason in refused.items()]
         if problems:
             raise QuotaInvalid(problems)
@@ -197,21 +227,21 @@ class QuotaService:
             f"quota set ({_describe(override)})",
             quota=override.set_fields(),
         )
-        return self.view(self.lifecycle.get(vm.id, 0))
+        return self.report(self.directory.get(vm.id, 0))
 
-    async def remove(self, ref: str) -> dict[str, Any]:
+    async def remove(self, ref: str) -> QuotaReport:
         """Drop the override: the defaults apply again (live when running)."""
-        vm = self.lifecycle.get(ref, 0)
+        vm = self.directory.get(ref, 0)
         async with self._lock(vm.id):
             await self._apply_live(vm, old=self.effective(vm.id), new=self.defaults)
             existed = self.store.delete(vm.id)
         if existed:
             announce(self.events, vm, EventType.QUOTA_REMOVED, "quota override removed")
-        return self.view(self.lifecycle.get(vm.id, 0))
+        return self.report(self.directory.get(vm.id, 0))
 
     async def _apply_live(self, vm: VM, old: Quota, new: Quota) -> None:
         """Apply ``new`` to a running VM; if it does not bind, put ``old`` back and refuse."""
-        vmm = self.lifecycle.vmm(vm.id)
+        vmm = self.directory.vmm(vm.id)
         if vmm is None or vm.state != VMState.RUNNING:
             return  # applied at the next start
         try:
@@ -221,14 +251,18 @@ class QuotaService:
                 await self.enforcer.apply(vm, vmm, old)
             raise QuotaNotApplied(vm.name, exc) from exc
 
-    # ------------------------------------------------------------------ views
+    # ------------------------------------------------------------------ reports
 
-    def view(self, vm: VM) -> dict[str, Any]:
-        running = vm.state == VMState.RUNNING and self.lifecycle.vmm(vm.id) is not None
-        return quota_view(
-            vm,
+    def report(self, vm: VM) -> QuotaReport:
+        running = vm.state == VMState.RUNNING and self.directory.vmm(vm.id) is not None
+        override = self.override(vm.id)
+        return QuotaReport(
+            vm=vm,
             defaults=self.defaults,
-            override=self.override(vm.id),
+            override=override,
+            enforcement=plan(
+                merge(self.defaults, override), vm.spec, self.capabilities_of(vm.spec)
+            ),
             applied=self.enforcer.last.get(vm.id) if running else None,
             running=running,
             usage=self._usage(vm, running),
@@ -250,22 +284,21 @@ class QuotaService:
                     usage["memory_bytes"] = self.cgroups.backend.read_memory_current(vm.id)
         return usage
 
-    async def get(self, ref: str) -> dict[str, Any]:
-        """The view plus what the VMM itself reports about its disk throttling right now."""
-        vm = self.lifecycle.get(ref, 0)
-        out = self.view(vm)
-        execute = getattr(self.lifecycle.vmm(vm.id), "execute", None)
-        if vm.state == VMState.RUNNING and execute is not None and vm.spec.drives:
-            try:
-                blocks = await execute("query-block")
-            except DriverError as exc:
-                out["observed"] = {"error": str(exc)}
-            else:
-                out["observed"] = {"drives": observed_drives(blocks)}
-        return out
+    async def get(self, ref: str) -> QuotaReport:
+        """The report plus what the VMM itself says about its disk throttling right now."""
+        vm = self.directory.get(ref, 0)
+        report = self.report(vm)
+        vmm = self.directory.vmm(vm.id)
+        if vm.state != VMState.RUNNING or vmm is None or not vm.spec.drives:
+            return report
+        try:
+            observed = await vmm.io_limits_in_force()
+        except (DriverError, Unsupported) as exc:
+            return _replace(report, observed_error=str(exc))
+        return _replace(report, observed=observed)
 
-    def all(self) -> list[dict[str, Any]]:
-        return [self.view(vm) for vm in self.lifecycle.vms.all()]
+    def all(self) -> list[QuotaReport]:
+        return [self.report(vm) for vm in self.directory.all()]
 
     def violation_counts(self, vm_id: str | None = None) -> list[dict[str, Any]]:
         """For reports: every counter, with its VM id."""
@@ -274,6 +307,12 @@ class QuotaService:
     async def check_once(self) -> None:
         """One monitoring round (the background loop calls this)."""
         await self.monitor.check_once()
+
+
+def _replace(report: QuotaReport, **changes: Any) -> QuotaReport:
+    from dataclasses import replace
+
+    return replace(report, **changes)
 
 
 def _misfits(quota: Quota, spec: VMSpec) -> list[QuotaProblem]:

@@ -6,16 +6,20 @@ outlive the agent, so a re-adopted VM stays counted. A background loop samples e
 VM every ``interval_s``, stores node and VM samples (folded into coarser buckets as they age),
 fits a trend over the prediction window and raises or clears threshold alerts as events.
 
-One module per job: ``settings`` (the ``[resources]`` section, node capacity), ``gate``
-(reservations), ``service`` (sampling loop, history, views), ``prediction``, ``alerting``,
-``wiring`` (``install``).
+One module per job: ``config`` (the ``[resources]`` section, node capacity), ``gate``
+(reservations), ``service`` (sampling loop, history, views), ``prediction``, ``alerting``.
 """
 
 from stoker.services.resources.alerting import AlertView, UsageAlerts
+from stoker.services.resources.config import ResourcesConfig, node_capacity
 from stoker.services.resources.gate import CapacityGate, request_of
-from stoker.services.resources.service import BUCKET_S, RAW_KEEP_S, ResourceService
-from stoker.services.resources.settings import ResourcesConfig, load_config, node_capacity
-from stoker.services.resources.wiring import FREE_STATES, HOLDING_STATES, install
+from stoker.services.resources.service import (
+    BUCKET_S,
+    FREE_STATES,
+    HOLDING_STATES,
+    RAW_KEEP_S,
+    ResourceService,
+)
 
 __all__ = [
     "BUCKET_S",
@@ -27,8 +31,6 @@ __all__ = [
     "ResourceService",
     "ResourcesConfig",
     "UsageAlerts",
-    "install",
-    "load_config",
     "node_capacity",
     "request_of",
 ]

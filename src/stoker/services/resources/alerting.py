@@ -15,7 +15,7 @@ from stoker.domain.capacity import NodeCapacity
 from stoker.domain.events import EventType
 from stoker.domain.usage import NodeSample
 from stoker.services.events import EventBus
-from stoker.services.resources.settings import ResourcesConfig
+from stoker.services.resources.config import ResourcesConfig
 
 #: what each alert measures, as its messages say it
 MEASURES = {"cpu": "CPU used by VMs", "memory": "memory used by VMMs"}

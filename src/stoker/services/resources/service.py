@@ -20,16 +20,17 @@ import psutil
 from stoker.domain import trend
 from stoker.domain.capacity import Allocation, NodeCapacity, available
 from stoker.domain.events import Event, EventType
+from stoker.domain.states import ACTIVE_STATES, VMState
 from stoker.domain.usage import NodeSample, VMSample
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
+from stoker.services.directory import VMDirectory
 from stoker.services.events import EventBus
-from stoker.services.lifecycle import Lifecycle
 from stoker.services.loops import PeriodicTask
 from stoker.services.resources import prediction
 from stoker.services.resources.alerting import AlertView, UsageAlerts
+from stoker.services.resources.config import ResourcesConfig
 from stoker.services.resources.gate import CapacityGate
-from stoker.services.resources.settings import ResourcesConfig
 from stoker.services.sampling import Reading, VMSampler
 from stoker.store.resources import ResourceStore
 
@@ -39,6 +40,9 @@ log = logging.getLogger("stoker.resources")
 RAW_KEEP_S = 3600.0
 #: folded samples are this coarse (or five sampling intervals, if that is coarser)
 BUCKET_S = 300.0
+#: a VM in these states may hold a VMM (error keeps its reservation until cleanup)
+HOLDING_STATES = [s.value for s in ACTIVE_STATES]
+FREE_STATES = [VMState.PENDING.value, VMState.STOPPED.value]
 #: the figures a VM sample takes over from a reading (all but its resolution)
 _READING_FIGURES = [f.name for f in fields(VMSample) if f.name != "resolution_s"]
 
@@ -56,7 +60,7 @@ class ResourceService:
         self,
         cfg: ResourcesConfig,
         store: ResourceStore,
-        lifecycle: Lifecycle,
+        directory: VMDirectory,
         events: EventBus,
         capacity: NodeCapacity,
         capacity_source: dict[str, str],
@@ -64,7 +68,7 @@ class ResourceService:
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.lifecycle = lifecycle
+        self.directory = directory
         self.events = events
         self.capacity = capacity
         self.capacity_source = capacity_source
@@ -86,7 +90,18 @@ class ResourceService:
 
     # ----------------------------------------------------------------------- VM tracking
 
-    def on_vmm_up(self, vm: VM, vmm: VMM) -> None:
+    def reconcile(self) -> None:
+        """Repair reservations an agent that died mid-change left inconsistent, so the gate
+        starts from what is really running (called before VMs are re-adopted)."""
+        dropped, added = self.store.reconcile(HOLDING_STATES, FREE_STATES, self.clock())
+        if dropped or added:
+            log.warning(
+                "repaired reservations left by an earlier agent: dropped %d, added %d",
+                dropped,
+                added,
+            )
+
+    async def vmm_up(self, vm: VM, vmm: VMM) -> None:
         """A VMM became running (start, restart, re-adoption): sample it from now on."""
         self._tracked[vm.id] = _Tracked(vm, vmm)
 
@@ -104,7 +119,7 @@ class ResourceService:
         """Tracked VMs whose VMM is still the one the lifecycle owns."""
         live = []
         for vm_id, tracked in list(self._tracked.items()):
-            if self.lifecycle.vmm(vm_id) is tracked.vmm:
+            if self.directory.vmm(vm_id) is tracked.vmm:
                 live.append(tracked)
             else:
                 self._forget(vm_id)
@@ -199,6 +214,7 @@ class ResourceService:
     # ------------------------------------------------------------------------ background
 
     async def start(self) -> None:
+        psutil.cpu_percent(interval=None)  # prime the host CPU counter for the first sweep
         await self._sampler.start()
 
     async def stop(self) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from stoker.domain import cron
 from stoker.domain.report import last_complete_day
@@ -21,13 +21,19 @@ from stoker.domain.vm import VM
 from stoker.services.errors import InvalidSpec, ServiceError
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.reports import ReportGenerator
-from stoker.services.scheduler.settings import zone
+from stoker.services.scheduler.config import zone
+from stoker.services.snapshots import AutoResult
 
 log = logging.getLogger("stoker.scheduler")
 
 Clock = Callable[[], datetime]
 Sleep = Callable[[float], Awaitable[None]]
 Result = dict[str, Any]
+
+
+class AutoSnapshots(Protocol):
+    async def auto_snapshot(self, vm_ref: str) -> AutoResult:
+        """An automatic snapshot now, then pruning by the VM's retention policy."""
 
 
 def label(row: ScheduleRecord) -> str:
@@ -39,13 +45,13 @@ class Actions:
     def __init__(
         self,
         lifecycle: Lifecycle,
-        extra: dict[str, Any],
+        snapshots: AutoSnapshots,
         reports: ReportGenerator,
         clock: Clock,
         sleep: Sleep,
     ) -> None:
         self.lifecycle = lifecycle
-        self.extra = extra
+        self.snapshots = snapshots
         self.reports = reports
         self.clock = clock
         self.sleep = sleep
@@ -62,12 +68,12 @@ class Actions:
     def targets(self, row: ScheduleRecord) -> list[VM] | str:
         """The VMs the schedule covers now, or why its named VM is gone."""
         if row.vm is not None:
-            vm = self.lifecycle.vms.get(row.vm)
+            vm = self.lifecycle.directory.find(row.vm)
             return [vm] if vm is not None else f"no VM named {row.vm!r} (deleted?)"
         selector = row.selector or {}
         return [
             vm
-            for vm in self.lifecycle.vms.all()
+            for vm in self.lifecycle.directory.all()
             if all(vm.spec.labels.get(k) == v for k, v in selector.items())
         ]
 
@@ -75,7 +81,7 @@ class Actions:
         """The id of the schedule's named VM, for events (None for selectors and reports)."""
         if row.vm is None:
             return None
-        vm = self.lifecycle.vms.get(row.vm)
+        vm = self.lifecycle.directory.find(row.vm)
         return vm.id if vm else None
 
     async def _one(self, row: ScheduleRecord, vm: VM) -> Result:
@@ -138,22 +144,14 @@ class Actions:
         raise InvalidSpec("action", f"unknown action {row.action!r}")  # pragma: no cover
 
     async def _snapshot(self, vm: VM) -> tuple[str, str]:
-        """The snapshots capability's automatic snapshot, which then prunes by the VM's
-        retention policy (``SnapshotService.auto_snapshot``)."""
-        service = self.extra.get("snapshots")
-        take = getattr(service, "auto_snapshot", None)
-        if take is None:
-            return "failed", "the snapshots capability is not available on this agent"
-        result = await _maybe_await(take(vm.id))
-        snap = getattr(result, "snapshot", result)
-        message = f"snapshot {_describe(snap)} taken"
-        pruned = getattr(result, "prune", None)
-        if pruned is None:
+        """An automatic snapshot, which then prunes by the VM's retention policy."""
+        result = await self.snapshots.auto_snapshot(vm.id)
+        message = f"snapshot {result.snapshot.id} taken"
+        if result.prune is None:
             message += "; no retention policy, nothing pruned"
         else:
-            removed = getattr(pruned, "remove", ())
-            policy = getattr(pruned, "policy", "?")
-            message += f"; pruned {len(removed)} by retention policy {policy}"
+            pruned = result.prune
+            message += f"; pruned {len(pruned.remove)} by retention policy {pruned.policy}"
         return "succeeded", message
 
     async def _report(self, row: ScheduleRecord, run: RunRecord) -> Result:
@@ -167,18 +165,3 @@ class Actions:
         except ServiceError as exc:
             return {"status": "failed", "message": str(exc)}
         return {"status": "succeeded", "message": f"wrote {doc['label']}", "report": doc["label"]}
-
-
-def _describe(value: Any) -> str:
-    for attr in ("name", "id"):
-        if isinstance(value, dict) and attr in value:
-            return str(value[attr])
-        if hasattr(value, attr):
-            return str(getattr(value, attr))
-    return "" if value is None else str(value)
-
-
-async def _maybe_await(value: Any) -> Any:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        return await value
-    return value

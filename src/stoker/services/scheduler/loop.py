@@ -20,7 +20,7 @@ from stoker.domain.events import EventType
 from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.events import EventBus
 from stoker.services.scheduler.actions import Actions, Clock, Result, Sleep, label
-from stoker.services.scheduler.settings import SchedulerConfig, zone
+from stoker.services.scheduler.config import SchedulerConfig, zone
 from stoker.store import schedules as st
 
 log = logging.getLogger("stoker.scheduler")

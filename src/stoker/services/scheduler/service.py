@@ -22,9 +22,9 @@ from stoker.services.errors import Conflict, InvalidSpec, NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.reports import ReportGenerator
-from stoker.services.scheduler.actions import Actions, Clock, Sleep, label
+from stoker.services.scheduler.actions import Actions, AutoSnapshots, Clock, Sleep, label
+from stoker.services.scheduler.config import SchedulerConfig
 from stoker.services.scheduler.loop import ScheduleLoop
-from stoker.services.scheduler.settings import SchedulerConfig
 from stoker.services.scheduler.spec import ScheduleSpec, ScheduleUpdate, check_options
 from stoker.store import schedules as st
 
@@ -32,14 +32,14 @@ DEFAULT_REPORT_NAME = "daily-report"
 
 
 class Scheduler(ScheduleLoop):
-    """``services.extra['scheduler']``: the API's entry point and the agent's Background."""
+    """The API's entry point to schedules, and one of the agent's background loops."""
 
     def __init__(
         self,
         store: st.ScheduleStore,
         lifecycle: Lifecycle,
         events: EventBus,
-        extra: dict[str, Any],
+        snapshots: AutoSnapshots,
         reports: ReportGenerator,
         config: SchedulerConfig,
         default_tz: str,
@@ -48,10 +48,9 @@ class Scheduler(ScheduleLoop):
     ) -> None:
         clock = clock or (lambda: datetime.now(UTC))
         sleep = sleep or asyncio.sleep
-        actions = Actions(lifecycle, extra, reports, clock, sleep)
+        actions = Actions(lifecycle, snapshots, reports, clock, sleep)
         super().__init__(store, events, actions, config, clock, sleep)
         self.lifecycle = lifecycle
-        self.extra = extra
         self.reports = reports
         self.default_tz = default_tz
 
@@ -144,7 +143,7 @@ class Scheduler(ScheduleLoop):
             )
         if spec.vm is None:
             return None
-        vm = self.lifecycle.vms.get(spec.vm)
+        vm = self.lifecycle.directory.find(spec.vm)
         if vm is None:
             raise InvalidSpec("vm", f"no VM named or with id {spec.vm!r}")
         return vm.name

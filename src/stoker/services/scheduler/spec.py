@@ -14,9 +14,9 @@ from stoker.domain import cron
 from stoker.domain.report import PERIODS
 from stoker.domain.spec import LABEL_KEY_RE, NAME_PATTERN
 from stoker.services.errors import InvalidSpec
-from stoker.services.scheduler.settings import ZoneName
+from stoker.services.scheduler.config import ZoneName
 
-Action = Literal["start", "stop", "restart", "snapshot", "report"]
+ScheduleAction = Literal["start", "stop", "restart", "snapshot", "report"]
 
 #: the options each action understands
 ACTION_OPTIONS: dict[str, set[str]] = {
@@ -34,7 +34,7 @@ class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    action: Action
+    action: ScheduleAction
     vm: str | None = Field(default=None, description="a VM name or id")
     selector: dict[str, str] | None = Field(
         default=None, description="label selector: every VM with all these labels"
@@ -72,7 +72,7 @@ class ScheduleUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    action: Action | None = None
+    action: ScheduleAction | None = None
     vm: str | None = None
     selector: dict[str, str] | None = None
     cron: str | None = None

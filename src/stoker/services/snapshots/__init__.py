@@ -1,22 +1,22 @@
 """Snapshots: create, restore, verify, retention and pruning, automatic snapshots.
 
-One module per job: ``settings`` (config), ``layout`` (on-disk format and manifest),
+One module per job: ``config``, ``layout`` (on-disk format and manifest),
 ``files`` (durable file work), ``checksums``, ``space`` (free-space checks), ``context``
 (what the operations share), ``create``, ``restore``, ``verify`` and ``deep_verify``,
 ``delete``, ``protection``, ``policy``, ``prune``, ``automation`` (auto snapshots and the
-timer's tick), ``cleanup`` (start-up reconciliation), ``service`` (the facade callers use) and
-``install``. The names other modules import are re-exported here.
+timer's tick), ``cleanup`` (start-up reconciliation) and ``service`` (the facade callers
+use). The names other modules import are re-exported here.
 """
 
 from stoker.services.snapshots.automation import AutoResult
 from stoker.services.snapshots.checksums import GrowingFileHasher, hash_tree
+from stoker.services.snapshots.cleanup import SnapshotHousekeeping
+from stoker.services.snapshots.config import SnapshotsConfig
 from stoker.services.snapshots.errors import InsufficientSpace, RestoreFailed, SnapshotFailed
-from stoker.services.snapshots.install import install
 from stoker.services.snapshots.layout import MANIFEST, MEMORY
 from stoker.services.snapshots.policy import Policy
 from stoker.services.snapshots.prune import PruneItem, PruneResult
 from stoker.services.snapshots.service import SnapshotService
-from stoker.services.snapshots.settings import SnapshotSettings
 
 __all__ = [
     "MANIFEST",
@@ -29,8 +29,8 @@ __all__ = [
     "PruneResult",
     "RestoreFailed",
     "SnapshotFailed",
+    "SnapshotHousekeeping",
     "SnapshotService",
-    "SnapshotSettings",
+    "SnapshotsConfig",
     "hash_tree",
-    "install",
 ]

@@ -15,7 +15,7 @@ from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.errors import NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
-from stoker.services.snapshots.settings import SnapshotSettings
+from stoker.services.snapshots.config import SnapshotsConfig
 from stoker.store.snapshots import SnapshotStore
 
 
@@ -23,11 +23,9 @@ from stoker.store.snapshots import SnapshotStore
 class SnapshotContext:
     lifecycle: Lifecycle
     store: SnapshotStore
-    settings: SnapshotSettings
+    config: SnapshotsConfig
     clock: Callable[[], datetime]
     tz: tzinfo
-    #: VMs whose snapshot was interrupted by an agent crash: resume them when re-adopted
-    interrupted: set[str] = field(default_factory=set)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @property

@@ -77,7 +77,7 @@ async def _create_locked(
     check_space(
         snapdir,
         expected_bytes(vm.spec, live),
-        ctx.settings.margin_mib,
+        ctx.config.margin_mib,
         f"a snapshot of {vm.name}",
     )
     created = ctx.clock()
@@ -153,8 +153,6 @@ async def _capture_live(
         await vmm.pause()
         try:
             await vmm.save_state(memory)
-            if ctx.settings.test_delay_s:
-                await asyncio.sleep(ctx.settings.test_delay_s)
             await asyncio.to_thread(copy_disks, vm.spec, tmp)
         finally:
             try:

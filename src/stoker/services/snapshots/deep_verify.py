@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.spec import Network, NetworkMode, VMSpec
-from stoker.drivers.base import VMM, DriverError, VMPaths
+from stoker.drivers.base import VMM, BootOptions, DriverError, VMPaths
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.files import run_tool
@@ -35,12 +35,12 @@ async def deep_verify(ctx: SnapshotContext, snap: SnapshotRecord) -> str:
     try:
         throwaway = await _throwaway_spec(spec, root, work)
         paths = VMPaths(work)
-        settle_s = ctx.settings.deep_verify_settle_s
-        timeout = ctx.settings.deep_verify_timeout_s
+        settle_s = ctx.config.deep_verify_settle_s
+        timeout = ctx.config.deep_verify_timeout_s
         async with asyncio.timeout(timeout):
             if snap.with_memory:
                 vmm = await driver.restore(
-                    f"verify-{snap.id}", throwaway, paths, root / layout.MEMORY
+                    f"verify-{snap.id}", throwaway, paths, root / layout.MEMORY, BootOptions()
                 )
                 ready = time.monotonic() - began
                 await _stays_running(vmm, settle_s)
@@ -48,7 +48,7 @@ async def deep_verify(ctx: SnapshotContext, snap: SnapshotRecord) -> str:
                     f"throwaway VM resumed from memory in {ready:.2f} s and kept running "
                     f"for {settle_s:g} s"
                 )
-            vmm = await driver.spawn(f"verify-{snap.id}", throwaway, paths)
+            vmm = await driver.spawn(f"verify-{snap.id}", throwaway, paths, BootOptions())
             await vmm.wait_ready(min(throwaway.boot_timeout_s, timeout))
             took = time.monotonic() - began
             return f"throwaway VM booted from the disks to ready in {took:.2f} s"
@@ -89,7 +89,7 @@ async def _stays_running(vmm: VMM, settle_s: float) -> None:
 async def _dispose(vmm: VMM) -> None:
     """Kill the throwaway and reap its process, so nothing of it outlives the verify."""
     await vmm.kill()
-    child = getattr(vmm, "child", None)
+    child = vmm.child
     if child is not None:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(child.wait, 10)

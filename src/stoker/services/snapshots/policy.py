@@ -14,8 +14,8 @@ from stoker.domain.events import EventType
 from stoker.domain.snapshots import PolicyRecord
 from stoker.domain.vm import VM
 from stoker.services.errors import InvalidSpec
+from stoker.services.snapshots.config import zone_name
 from stoker.services.snapshots.context import SnapshotContext
-from stoker.services.snapshots.settings import zone_name
 
 
 @dataclass(frozen=True)

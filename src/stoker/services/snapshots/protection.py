@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stoker.domain.events import EventType
 from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
@@ -21,7 +22,7 @@ def set_protected(ctx: SnapshotContext, snapshot_id: str, protected: bool) -> Sn
     ctx.store.set_protected(snap.id, protected)
     word = "protected" if protected else "released"
     ctx.events.publish(
-        f"snapshot.{'protected' if protected else 'unprotected'}",
+        EventType.SNAPSHOT_PROTECTED if protected else EventType.SNAPSHOT_UNPROTECTED,
         f"{snap.vm_name}: snapshot {snap.id} {word}",
         snap.vm_id,
         snapshot=snap.id,

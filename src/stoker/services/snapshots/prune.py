@@ -10,9 +10,9 @@ from stoker.domain import retention
 from stoker.domain.events import EventType
 from stoker.domain.units import format_size
 from stoker.services.errors import Conflict
+from stoker.services.snapshots.config import zone_name
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.delete import remove_snapshot
-from stoker.services.snapshots.settings import zone_name
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ async def restore_snapshot(ctx: SnapshotContext, snapshot_id: str) -> tuple[Snap
             check_space(
                 Path(drive.path).parent,
                 allocated_bytes(src),
-                ctx.settings.margin_mib,
+                ctx.config.margin_mib,
                 f"restoring {drive.path}",
             )
         reason = f"restoring snapshot {snap.id}"
@@ -66,7 +66,7 @@ async def _resume_from_memory(
     await ctx.lifecycle.start(
         vm.id, reason=f"restored from snapshot {snap.id}", restore_from=root / layout.MEMORY
     )
-    vm = await ctx.lifecycle.wait_settled(vm.id, ctx.settings.restore_timeout_s)
+    vm = await ctx.lifecycle.wait_settled(vm.id, ctx.config.restore_timeout_s)
     if vm.state != S.RUNNING:
         ctx.events.publish(
             EventType.SNAPSHOT_RESTORE_FAILED,

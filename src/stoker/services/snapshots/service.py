@@ -10,13 +10,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from stoker.domain.events import Event
+from stoker.domain.events import Event, EventType
 from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.vm import VM
-from stoker.drivers.base import VMM
 from stoker.services.lifecycle import Lifecycle
-from stoker.services.snapshots import automation, cleanup, layout, policy
+from stoker.services.snapshots import automation, layout, policy
 from stoker.services.snapshots.automation import AutoResult
+from stoker.services.snapshots.config import SnapshotsConfig
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.create import Kind, create_snapshot
 from stoker.services.snapshots.delete import delete_snapshot
@@ -24,7 +24,6 @@ from stoker.services.snapshots.policy import Policy
 from stoker.services.snapshots.protection import set_protected
 from stoker.services.snapshots.prune import PruneResult, prune_snapshots
 from stoker.services.snapshots.restore import restore_snapshot
-from stoker.services.snapshots.settings import SnapshotSettings
 from stoker.services.snapshots.verify import verify_snapshot
 from stoker.store.snapshots import SnapshotStore
 
@@ -34,21 +33,19 @@ class SnapshotService:
         self,
         lifecycle: Lifecycle,
         store: SnapshotStore,
-        settings: SnapshotSettings,
+        config: SnapshotsConfig,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.ctx = SnapshotContext(
             lifecycle=lifecycle,
             store=store,
-            settings=settings,
+            config=config,
             clock=clock or (lambda: datetime.now(UTC)),
-            tz=settings.zone(),
+            tz=config.zone(),
         )
         self.lifecycle = lifecycle
         self.store = store
-        self.settings = settings
-        #: VMs whose snapshot was interrupted by an agent crash: resume them when re-adopted
-        self.interrupted = self.ctx.interrupted
+        self.config = config
 
     # ---------------------------------------------------------------------------- queries
 
@@ -103,13 +100,7 @@ class SnapshotService:
     async def run_due(self) -> None:
         await automation.run_due(self.ctx)
 
-    # ------------------------------------------------------------------ start-up hygiene
-
-    def cleanup_leftovers(self) -> None:
-        cleanup.cleanup_leftovers(self.ctx)
-
-    async def resume_interrupted(self, vm: VM, vmm: VMM) -> None:
-        await cleanup.resume_interrupted(self.ctx, vm, vmm)
-
-    async def on_event(self, event: Event) -> None:
-        cleanup.forget_vm(self.ctx, event)
+    def on_event(self, event: Event) -> None:
+        """A deleted VM's snapshot lock goes with it (its rows go in the housekeeping)."""
+        if event.type == EventType.VM_DELETED and event.vm_id:
+            self.ctx.locks.pop(event.vm_id, None)

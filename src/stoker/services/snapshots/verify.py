@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stoker.domain.events import EventType
 from stoker.domain.snapshots import SnapshotRecord, VerifyRecord
-from stoker.drivers.base import DriverError, NotSupported
+from stoker.drivers.base import DriverError, Unsupported
 from stoker.services.errors import Conflict
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.checksums import FileInfo, list_files, sha256_file
@@ -30,7 +30,7 @@ async def verify_snapshot(
         if deep and not problems:
             try:
                 notes.append(await deep_verify(ctx, snap))
-            except (DriverError, NotSupported, OSError, TimeoutError) as exc:
+            except (DriverError, Unsupported, OSError, TimeoutError) as exc:
                 problems.append(f"deep verify: {exc or type(exc).__name__}")
         duration = time.monotonic() - began
         ok = not problems

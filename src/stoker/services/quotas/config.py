@@ -10,7 +10,6 @@ from pathlib import Path
 
 from pydantic import ConfigDict, Field
 
-from stoker.config import AgentConfig, section
 from stoker.domain.quota import FIELDS, Quota
 from stoker.domain.units import DEFAULT_QEMU_OVERHEAD_BYTES, MiB
 from stoker.host.cgroups import DEFAULT_ROOT
@@ -37,8 +36,3 @@ class QuotasConfig(Quota):
 
     def defaults(self) -> Quota:
         return Quota(**{name: getattr(self, name) for name in FIELDS})
-
-
-def load_settings(config: AgentConfig) -> QuotasConfig:
-    """The validated ``[quotas]`` section (a bad key stops the agent, naming it)."""
-    return section(config, "quotas", QuotasConfig)

@@ -1,4 +1,4 @@
-"""The ``[resources]`` settings, and the node capacity they describe."""
+"""The ``[resources]`` section, and the node capacity they describe."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from stoker.config import AgentConfig, section
 from stoker.domain import alerts
 from stoker.domain.capacity import NodeCapacity
 from stoker.domain.units import MiB, parse_duration
@@ -34,11 +33,6 @@ class ResourcesConfig(BaseModel):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
-
-
-def load_config(config: AgentConfig) -> ResourcesConfig:
-    """The validated ``[resources]`` section (a bad key stops the agent, naming it)."""
-    return section(config, "resources", ResourcesConfig)
 
 
 def node_capacity(cfg: ResourcesConfig) -> tuple[NodeCapacity, dict[str, str]]:

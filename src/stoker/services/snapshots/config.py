@@ -14,10 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stoker.config import AgentConfig, section
 
-
-class SnapshotSettings(BaseModel):
+class SnapshotsConfig(BaseModel):
     """The ``[snapshots]`` section of the agent config."""
 
     model_config = ConfigDict(extra="forbid")
@@ -34,18 +32,10 @@ class SnapshotSettings(BaseModel):
         default=1.0, ge=0, description="how long a deep-verified VM must keep running"
     )
     deep_verify_timeout_s: float = Field(default=120.0, gt=0)
-    test_delay_s: float = Field(
-        default=0.0, ge=0, description="test hook: sleep after saving memory, VM still paused"
-    )
 
     def zone(self) -> tzinfo:
         """The zone retention periods ("daily", "weekly") are counted in."""
         return ZoneInfo(self.timezone) if self.timezone else host_timezone()
-
-
-def load_settings(config: AgentConfig) -> SnapshotSettings:
-    """The validated ``[snapshots]`` section (a bad key stops the agent, naming it)."""
-    return section(config, "snapshots", SnapshotSettings)
 
 
 def host_timezone() -> tzinfo:

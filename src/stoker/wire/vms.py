@@ -1,15 +1,13 @@
-"""Response shapes of the API (request shapes are the domain's own models)."""
+"""VMs as the API shows them, and the bodies of the requests that drive them."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, Field
 
 from stoker.domain.spec import VMSpec
-from stoker.domain.states import VMState, allowed_actions
-from stoker.domain.vm import VM
+from stoker.domain.states import VMState
 
 
 class TransitionOut(BaseModel):
@@ -43,34 +41,6 @@ class VMOut(BaseModel):
     spec: VMSpec
     transitions: list[TransitionOut] = Field(default_factory=list)
 
-    @classmethod
-    def of(cls, vm: VM) -> VMOut:
-        process = None
-        if vm.process:
-            process = ProcessOut(pid=vm.process.pid, accel=vm.process.accel)
-        return cls(
-            id=vm.id,
-            name=vm.name,
-            state=vm.state,
-            state_reason=vm.state_reason,
-            state_since=vm.state_since,
-            created_at=vm.created_at,
-            allowed_actions=[a.value for a in allowed_actions(vm.state)],
-            process=process,
-            restart=RestartInfo(
-                count=vm.restart_count,
-                last_restart_at=vm.last_restart_at,
-                next_retry_at=vm.next_retry_at,
-            ),
-            spec=vm.spec,
-            transitions=[
-                TransitionOut(
-                    from_state=t.from_state, to_state=t.to_state, reason=t.reason, at=t.at
-                )
-                for t in vm.transitions
-            ],
-        )
-
 
 class StopRequest(BaseModel):
     graceful: bool = True
@@ -87,13 +57,52 @@ class ConsoleOut(BaseModel):
     truncated: bool
 
 
+class VMMLivenessOut(BaseModel):
+    process_alive: bool
+    control_socket: str | None = Field(
+        description="'answering', 'not answering: why', or null when no VMM runs"
+    )
+    vmm_status: str | None = Field(description="the VMM's own word for its state")
+
+
+class ProbeResultOut(BaseModel):
+    ok: bool
+    message: str
+    at: datetime
+    duration_s: float
+
+
+class ProbeStatusOut(BaseModel):
+    name: str
+    kind: str
+    status: str = Field(description="healthy, unhealthy or unknown")
+    consecutive_failures: int
+    consecutive_successes: int
+    last_message: str | None
+    last_error: str | None
+    last_at: datetime | None
+    last_ok_at: datetime | None
+    checks: int
+    failures: int
+    history: list[ProbeResultOut]
+    #: the settings it runs under; null for a probe no longer in the spec
+    interval_s: float | None = None
+    timeout_s: float | None = None
+    failure_threshold: int | None = None
+    success_threshold: int | None = None
+
+
 class HealthOut(BaseModel):
     vm: str
     state: VMState
     health: str = Field(description="healthy, unhealthy or unknown")
-    vmm: dict[str, Any]
-    probes: list[dict[str, Any]] = Field(default_factory=list)
+    vmm: VMMLivenessOut
+    probes: list[ProbeStatusOut] = Field(default_factory=list)
     consecutive_failures: int = 0
     last_error: str | None = None
     since: datetime | None = Field(default=None, description="when the verdict last changed")
     reason: str | None = Field(default=None, description="why the verdict is what it is")
+
+
+class VersionOut(BaseModel):
+    version: str

@@ -14,7 +14,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from stoker.config import AgentConfig, section
 from stoker.domain import cron
 
 
@@ -79,8 +78,3 @@ class SchedulerConfig(BaseModel):
     def _cron(cls, v: str) -> str:
         cron.validate_cron(v)
         return v
-
-
-def load_config(config: AgentConfig) -> SchedulerConfig:
-    """The validated ``[scheduler]`` section (a bad key stops the agent, naming it)."""
-    return section(config, "scheduler", SchedulerConfig)
