@@ -116,7 +116,7 @@ def build_services(
         events,
         drivers,
         gate=resources.gate,
-        create_checks=[quotas],
+        create_checks=[quotas, health],
         start_guards=[hooks, quotas],
         spawn_observers=[quotas],
         vmm_observers=[resources, health, quotas, housekeeping],

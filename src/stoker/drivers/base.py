@@ -35,6 +35,7 @@ __all__ = [
     "DriverUnavailable",
     "ExitSignal",
     "IOLimits",
+    "NetAttachment",
     "ProcessRecord",
     "Unsupported",
     "VMMStats",
@@ -129,11 +130,26 @@ class DriveThrottle:
 
 
 @dataclass(frozen=True)
+class NetAttachment:
+    """The VM's NIC on a managed network, made ready by the network service before launch."""
+
+    #: the TAP device on the network's bridge, owned by the VM's uid
+    tap: str
+    mac: str
+    #: the address the network's DHCP server hands this MAC, and the network's gateway
+    address: str
+    gateway: str
+    network: str
+
+
+@dataclass(frozen=True)
 class BootOptions:
     """What the services decide for a launch beyond the spec itself."""
 
     #: limits a VMM takes only in its boot configuration (Firecracker's rate limiters)
     io_limits: IOLimits | None = None
+    #: the NIC of a VM on a managed network (spec network mode 'managed')
+    network: NetAttachment | None = None
 
 
 class ExitSignal(Protocol):

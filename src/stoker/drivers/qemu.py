@@ -30,6 +30,7 @@ from stoker.drivers.base import (
     DriverUnavailable,
     DriveThrottle,
     IOLimits,
+    NetAttachment,
     ProcessRecord,
     Unsupported,
     VMMStats,
@@ -54,6 +55,7 @@ def qemu_argv(
     binary: str = "qemu-system-x86_64",
     tsc_khz: int | None = None,
     incoming: Path | None = None,
+    nic: NetAttachment | None = None,
 ) -> list[str]:
     """The full QEMU command line for ``spec``: an argv, never a shell string.
 
@@ -103,6 +105,13 @@ def qemu_argv(
         argv += [
             "-netdev", f"tap,id=n0,ifname={net.tap},script=no,downscript=no",
             "-device", _net_device(net.mac),
+        ]  # fmt: skip
+    elif net.mode == NetworkMode.MANAGED:
+        if nic is None:
+            raise DriverError("network mode 'managed' but the network service attached no NIC")
+        argv += [
+            "-netdev", f"tap,id=n0,ifname={nic.tap},script=no,downscript=no",
+            "-device", _net_device(nic.mac),
         ]  # fmt: skip
     if incoming is not None:
         argv += ["-incoming", f"exec:cat {_quote_for_exec(incoming)}"]
@@ -170,7 +179,13 @@ class QemuDriver:
             log.warning(warning, extra={"vm": spec.name})
         return accel
 
-    def argv(self, spec: VMSpec, paths: VMPaths, incoming: Path | None = None) -> list[str]:
+    def argv(
+        self,
+        spec: VMSpec,
+        paths: VMPaths,
+        incoming: Path | None = None,
+        nic: NetAttachment | None = None,
+    ) -> list[str]:
         return qemu_argv(
             spec,
             paths,
@@ -178,18 +193,21 @@ class QemuDriver:
             binary=self.binary,
             tsc_khz=self.tsc_khz,
             incoming=incoming,
+            nic=nic,
         )
 
     async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> QemuVMM:
         """QEMU takes its limits live once up (``apply_io_limits``): ``boot`` has nothing for
         it yet."""
-        return await self._launch(spec, paths, self.argv(spec, paths))
+        return await self._launch(spec, paths, self.argv(spec, paths, nic=boot.network))
 
     async def restore(
         self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
     ) -> QemuVMM:
         """Start QEMU waiting for migration data from ``state``, then run it."""
-        vmm = await self._launch(spec, paths, self.argv(spec, paths, incoming=state))
+        vmm = await self._launch(
+            spec, paths, self.argv(spec, paths, incoming=state, nic=boot.network)
+        )
         try:
             await vmm.finish_incoming()
         except BaseException:

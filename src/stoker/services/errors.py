@@ -41,3 +41,8 @@ class InvalidSpec(ServiceError):
 class StartVeto(Exception):
     """Raised by a start guard that refuses a start (a vetoing hook, a quota misfit); the
     lifecycle answers it with a 409 naming who refused."""
+
+
+class NetworkError(Exception):
+    """A VM's network could not be made ready (a TAP, an address, a rule); the message says
+    what failed. At start it puts the VM in error with that reason."""

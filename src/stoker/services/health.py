@@ -33,17 +33,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from stoker.domain import health as verdicts
 from stoker.domain.events import Event, EventType
 from stoker.domain.health import Health, ProbeState, Result
-from stoker.domain.spec import Probe, ProbeKind, VMMProbe
+from stoker.domain.spec import (
+    ExecProbe,
+    Probe,
+    ProbeKind,
+    VMMProbe,
+    VMSpec,
+    probe_target_problems,
+)
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM
 from stoker.services import probes as checks
 from stoker.services.directory import VMDirectory, VMMLiveness
+from stoker.services.errors import InvalidSpec
 from stoker.services.events import EventBus
 from stoker.services.recovery import WatchdogConfig
 from stoker.store.health import HealthStore
@@ -83,6 +91,21 @@ class HealthConfig(WatchdogConfig):
     vmm_interval_s: float = Field(default=30.0, gt=0, le=86_400)
     vmm_timeout_s: float = Field(default=1.0, gt=0, le=60)
     vmm_failure_threshold: int = Field(default=3, ge=1, le=1000)
+    #: the commands exec probes may run, by name: a VM's spec chooses one, never an argv
+    commands: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("commands")
+    @classmethod
+    def _commands(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, argv in v.items():
+            if not argv or not argv[0].startswith("/"):
+                raise ValueError(f"command {name!r} must be an argv whose first item is absolute")
+        return v
+
+
+class AddressBook(Protocol):
+    def address_of(self, vm_id: str) -> str | None:
+        """The VM's own address on its managed network, or None."""
 
 
 class HealthService:
@@ -96,6 +119,7 @@ class HealthService:
         store: HealthStore,
         config: HealthConfig,
         probe_observers: Sequence[ProbeObserver] = (),
+        addresses: AddressBook | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.directory = directory
@@ -103,9 +127,28 @@ class HealthService:
         self.store = store
         self.config = config
         self.probe_observers = tuple(probe_observers)
+        self.addresses = addresses
         self.clock = clock or (lambda: datetime.now(UTC))
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._probes: dict[str, dict[str, ProbeState]] = {}
+
+    # ------------------------------------------------------------------------ create
+
+    def check_create(self, spec: VMSpec) -> None:
+        """Probes aim at the VM itself, and exec probes name a configured command."""
+        problems = probe_target_problems(spec)
+        for index, probe in enumerate(spec.probes):
+            if isinstance(probe, ExecProbe) and probe.command not in self.config.commands:
+                known = ", ".join(sorted(self.config.commands)) or "none are configured"
+                problems.append(
+                    (
+                        f"probes[{index}].command",
+                        f"no command {probe.command!r} in the agent's [health.commands] ({known})",
+                    )
+                )
+        if problems:
+            field, message = problems[0]
+            raise InvalidSpec(field, message)
 
     # ------------------------------------------------------------------------ probes
 
@@ -150,7 +193,8 @@ class HealthService:
         await asyncio.sleep(probe.initial_delay_s)
         while True:
             began = loop.time()
-            outcome = await checks.check(probe, vm, vmm)
+            address = self.addresses.address_of(vm.id) if self.addresses else None
+            outcome = await checks.check(probe, vm, vmm, self.config.commands, address)
             self.record(vm, name, probe, outcome.ok, outcome.message, outcome.duration_s)
             await asyncio.sleep(max(0.0, probe.interval_s - (loop.time() - began)))
 

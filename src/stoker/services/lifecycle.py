@@ -39,6 +39,7 @@ from stoker.drivers.base import (
     DriverUnavailable,
     ExitSignal,
     IOLimits,
+    NetAttachment,
     ProcessRecord,
     Unsupported,
     VMPaths,
@@ -51,7 +52,7 @@ from stoker.host.proc import (
     read_start_time,
 )
 from stoker.services.directory import OwnedVMM, VMDirectory
-from stoker.services.errors import Conflict, InvalidSpec, StartVeto
+from stoker.services.errors import Conflict, InvalidSpec, NetworkError, StartVeto
 from stoker.services.events import EventBus
 from stoker.store.vms import NameTaken
 
@@ -104,6 +105,19 @@ class BootLimits(Protocol):
         """Limits a VMM can only take in its boot configuration (Firecracker's)."""
 
 
+class SpecDefaults(Protocol):
+    def complete(self, spec: VMSpec) -> VMSpec:
+        """Fill in what the request left out (``spec.model_fields_set`` says what it gave):
+        the network, above all, is the host's default network when the request names none."""
+
+
+class NetworkAttacher(Protocol):
+    async def attach(self, vm: VM) -> NetAttachment | None:
+        """Make the VM's NIC ready on its managed network (TAP on the bridge, address, DHCP
+        lease, forwards) before its VMM starts; None when it has no managed network.
+        Idempotent: a restart attaches again. Raises NetworkError naming what failed."""
+
+
 class Lifecycle:
     """Every collaborator arrives through the constructor: the capabilities that take part in
     a VM's life (quotas, health, hooks, resources, snapshots) as narrow protocols, in the
@@ -121,6 +135,8 @@ class Lifecycle:
         spawn_observers: Sequence[SpawnObserver] = (),
         vmm_observers: Sequence[VMMObserver] = (),
         boot_limits: BootLimits | None = None,
+        spec_defaults: Sequence[SpecDefaults] = (),
+        network: NetworkAttacher | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.directory = directory
@@ -133,6 +149,8 @@ class Lifecycle:
         self.spawn_observers = tuple(spawn_observers)
         self.vmm_observers = tuple(vmm_observers)
         self.boot_limits = boot_limits
+        self.spec_defaults = tuple(spec_defaults)
+        self.network = network
         self.clock = clock or (lambda: datetime.now(UTC))
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -208,6 +226,8 @@ class Lifecycle:
             raise InvalidSpec("hypervisor", str(exc)) from exc
 
     async def create(self, spec: VMSpec) -> VM:
+        for defaults in self.spec_defaults:
+            spec = defaults.complete(spec)
         self.validate_host(spec)
         for check in self.create_checks:
             check.check_create(spec)
@@ -275,13 +295,14 @@ class Lifecycle:
         paths = self.paths(vm.id)
         driver = self.driver_for(vm.spec)
         limits = self.boot_limits.boot_limits(vm, driver.capabilities) if self.boot_limits else None
-        boot = BootOptions(io_limits=limits)
         try:
+            attachment = await self.network.attach(vm) if self.network else None
+            boot = BootOptions(io_limits=limits, network=attachment)
             if restore_from is not None:
                 vmm = await driver.restore(vm.id, vm.spec, paths, restore_from, boot)
             else:
                 vmm = await driver.spawn(vm.id, vm.spec, paths, boot)
-        except (DriverError, Unsupported) as exc:
+        except (DriverError, Unsupported, NetworkError) as exc:
             what = "restoring the VMM failed" if restore_from else "VMM failed to start"
             await self.set_state(vm.id, S.ERROR, f"{what}: {exc}")
             self.gate.release(vm.id)

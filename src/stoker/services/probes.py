@@ -11,11 +11,23 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from stoker.domain.spec import ExecProbe, HTTPProbe, NetworkMode, Probe, TCPProbe, VMMProbe, VMSpec
+from stoker.domain.spec import (
+    VM_HOST,
+    ExecProbe,
+    HTTPProbe,
+    NetworkMode,
+    Probe,
+    TCPProbe,
+    VMMProbe,
+    VMSpec,
+    probe_target,
+)
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, DriverError, Unsupported
 
@@ -91,17 +103,30 @@ async def run_argv(
     return proc.returncode, output.decode(errors="replace")[-OUTPUT_TAIL:]
 
 
-async def check(probe: Probe, vm: VM, vmm: VMM | None) -> CheckResult:
-    """Run one probe once."""
+async def check(
+    probe: Probe,
+    vm: VM,
+    vmm: VMM | None,
+    commands: Mapping[str, list[str]],
+    address: str | None = None,
+) -> CheckResult:
+    """Run one probe once. ``commands`` are the configured exec-probe commands by name;
+    ``address`` is the VM's own address (what host 'vm' means), if it has one."""
     began = time.monotonic()
     try:
-        ok, message = await _check(probe, vm, vmm)
+        ok, message = await _check(probe, vm, vmm, commands, address)
     except Exception as exc:  # a probe bug is a failed probe, never a dead probe loop
         ok, message = False, f"probe error: {exc}"
     return CheckResult(ok, message, time.monotonic() - began)
 
 
-async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
+async def _check(
+    probe: Probe,
+    vm: VM,
+    vmm: VMM | None,
+    commands: Mapping[str, list[str]],
+    address: str | None,
+) -> tuple[bool, str]:
     timeout = probe.timeout_s
     if isinstance(probe, VMMProbe):
         if vmm is None:
@@ -111,10 +136,16 @@ async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
         except (DriverError, Unsupported) as exc:
             return False, f"control socket not answering: {exc}"
         return True, f"VMM answers: {status.status}"
+    aims_at_vm = isinstance(probe, HTTPProbe | TCPProbe) and probe_target(probe)[0] == VM_HOST
+    if aims_at_vm and address is None:
+        return False, "the VM has no address on a managed network (yet)"
     if isinstance(probe, HTTPProbe):
+        url = probe.url
+        if address is not None:
+            url = _with_host(url, address)
         try:
             async with httpx.AsyncClient(timeout=timeout) as http:
-                answer = await http.get(probe.url)
+                answer = await http.get(url)
         except httpx.TimeoutException:
             return False, f"GET {probe.url}: no answer within {timeout:g} s"
         except httpx.HTTPError as exc:
@@ -123,11 +154,10 @@ async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
             return False, f"GET {probe.url}: {answer.status_code}, expected {probe.expect_status}"
         return True, f"GET {probe.url}: {answer.status_code}"
     if isinstance(probe, TCPProbe):
-        where = f"{probe.host}:{probe.port}"
+        host = address if probe.host == VM_HOST and address else probe.host
+        where = f"{host}:{probe.port}"
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(probe.host, probe.port), timeout
-            )
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, probe.port), timeout)
         except TimeoutError:
             return False, f"tcp {where}: no connection within {timeout:g} s"
         except OSError as exc:
@@ -137,14 +167,26 @@ async def _check(probe: Probe, vm: VM, vmm: VMM | None) -> tuple[bool, str]:
             await writer.wait_closed()
         return True, f"tcp {where}: connected"
     assert isinstance(probe, ExecProbe)
+    argv = commands.get(probe.command)
+    if argv is None:
+        return False, f"no command {probe.command!r} in the agent's [health.commands]"
     try:
         code, output = await run_argv(
-            list(probe.argv), vm_environment(vm, STOKER_PROBE=probe.name or "exec"), timeout
+            list(argv), vm_environment(vm, STOKER_PROBE=probe.name or probe.command), timeout
         )
     except FileNotFoundError as exc:
         return False, str(exc)
     if code is None:
-        return False, f"{probe.argv[0]}: timed out after {timeout:g} s"
+        return False, f"{probe.command}: timed out after {timeout:g} s"
     tail = output.strip().splitlines()[-1] if output.strip() else ""
-    verdict = f"{probe.argv[0]}: exit {code}" + (f": {tail}" if tail else "")
+    verdict = f"{probe.command}: exit {code}" + (f": {tail}" if tail else "")
     return code == 0, verdict
+
+
+def _with_host(url: str, address: str) -> str:
+    """The URL with host 'vm' replaced by the VM's address."""
+    parts = urlsplit(url)
+    if parts.hostname != VM_HOST:
+        return url
+    netloc = address if parts.port is None else f"{address}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

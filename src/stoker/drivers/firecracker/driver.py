@@ -401,7 +401,7 @@ class FirecrackerVMM:
         """Flush Firecracker's metrics, then add the new deltas to the running totals."""
         await self.api.flush_metrics()
         self.metrics.read_new(self.metrics_path)
-        return self.metrics.stats(has_network=self.spec.network.mode == NetworkMode.TAP)
+        return self.metrics.stats(has_network=_has_nic(self.spec))
 
     async def apply_io_limits(self, limits: IOLimits) -> None:
         """PATCH every drive and the interface; unset figures remove earlier limits."""
@@ -415,7 +415,7 @@ class FirecrackerVMM:
                     f"Firecracker reports iops={drive.iops} bytes/s={drive.bytes_per_s} on "
                     f"drive {drive.device} after setting iops={want[0]} bytes/s={want[1]}"
                 )
-        if self.spec.network.mode == NetworkMode.TAP:
+        if _has_nic(self.spec):
             net = full_limiter(rate_limiter(_nz(limits.net_mbps), _nz(limits.net_pps)))
             await self.api.patch_network_interface(
                 IFACE_ID, rx_rate_limiter=net, tx_rate_limiter=net
@@ -578,8 +578,9 @@ class FirecrackerDriver:
             snap = self._link_snapshot(vmm, state)
             await self._logging(vmm)
             overrides = None
-            if spec.network.mode == NetworkMode.TAP and spec.network.tap:
-                overrides = [{"iface_id": IFACE_ID, "host_dev_name": spec.network.tap}]
+            nic = _nic(spec, boot)
+            if nic is not None:
+                overrides = [{"iface_id": IFACE_ID, "host_dev_name": nic[0]}]
             await vmm.api.snapshot_load(
                 snap[SNAPSHOT_STATE],
                 snap[SNAPSHOT_MEMORY],
@@ -786,12 +787,13 @@ class FirecrackerDriver:
                 is_read_only=spec.drives[i].read_only,
                 rate_limiter=disk,
             )
-        if spec.network.mode == NetworkMode.TAP and spec.network.tap:
+        nic = _nic(spec, boot)
+        if nic is not None:
             net = rate_limiter(_nz(limits.net_mbps), _nz(limits.net_pps))
             await api.put_network_interface(
                 IFACE_ID,
-                spec.network.tap,
-                spec.network.mac,
+                nic[0],
+                nic[1],
                 rx_rate_limiter=net,
                 tx_rate_limiter=net,
             )
@@ -818,3 +820,17 @@ def _per_second(limiter: dict[str, Any] | None, bucket: str) -> int:
     spec = (limiter or {}).get(bucket) or {}
     size, refill_ms = int(spec.get("size", 0)), int(spec.get("refill_time", 0))
     return round(size * 1000 / refill_ms) if size and refill_ms else 0
+
+
+def _has_nic(spec: VMSpec) -> bool:
+    return spec.network.mode in (NetworkMode.TAP, NetworkMode.MANAGED)
+
+
+def _nic(spec: VMSpec, boot: BootOptions) -> tuple[str, str | None] | None:
+    """(host TAP name, MAC) of the VM's interface: the operator's TAP, or the one the network
+    service attached on a managed network."""
+    if spec.network.mode == NetworkMode.TAP and spec.network.tap:
+        return spec.network.tap, spec.network.mac
+    if spec.network.mode == NetworkMode.MANAGED and boot.network is not None:
+        return boot.network.tap, boot.network.mac
+    return None
