@@ -1,7 +1,8 @@
 """Plain QEMU with stoker's own command line: the baseline the benchmarks measure against.
 
-The argv comes from ``stoker.drivers.qemu.qemu_argv`` so the only difference from a VM run by
-stoker is stoker itself.
+The argv and its descriptors come from the QEMU driver's own ``prepare`` (confined the way the
+agent confines by default: the VM's own uid, a mount-namespace jail, seccomp), so the only
+difference from a VM run by stoker is stoker itself: its API, its state writes, its events.
 """
 
 from __future__ import annotations
@@ -10,33 +11,51 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from pathlib import Path
 
 from stoker.domain.spec import VMSpec
-from stoker.drivers.base import VMPaths
-from stoker.drivers.qemu import qemu_argv
-from stoker.host.tsc import host_tsc_khz
+from stoker.drivers.base import BootOptions, VMIdentity, VMPaths
+from stoker.drivers.qemu import QemuDriver
+from stoker.drivers.qemu_launch import LaunchSettings
+from stoker.guest.build import default_cache_dir
+from stoker.host.confine import minimal_env
+from stoker.host.images import ImagePolicy
+from stoker.host.proc import spawn_detached
 from tests.helpers import short_tmpdir
+
+#: a uid from the default range that no agent on a benchmark host hands out first
+BENCH_UID = 265_000
 
 
 class RawQemu:
     """One scratch directory; launch, kill and relaunch QEMU in it; remove it at the end."""
 
-    def __init__(self, spec: VMSpec, prefix: str = "raw-") -> None:
+    def __init__(self, spec: VMSpec, prefix: str = "raw-", confined: bool = True) -> None:
+        self.spec = spec
         self.paths = VMPaths(short_tmpdir(prefix))
-        self.argv = qemu_argv(spec, self.paths, accel="tcg", tsc_khz=host_tsc_khz())
+        images = ImagePolicy.create([default_cache_dir(), self.paths.root / "images"])
+        settings = LaunchSettings(
+            binary="qemu-system-x86_64", images=images, confine="namespace" if confined else None
+        )
+        self.driver = QemuDriver(settings)
+        self.boot = BootOptions(identity=VMIdentity(BENCH_UID, BENCH_UID) if confined else None)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def launch(self, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-        self.paths.control_socket.unlink(missing_ok=True)
-        with open(self.paths.vmm_log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*self.argv, *extra],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+    def launch(self, incoming: Path | None = None) -> subprocess.Popen[bytes]:
+        """Spawn QEMU as the driver would: same argv, same descriptors, same environment."""
+        prepared = self.driver.prepare(
+            "0123456789abcdef", self.spec, self.paths, self.boot, incoming
+        )
+        try:
+            self.proc = spawn_detached(
+                prepared.command.argv,
+                self.paths.vmm_log,
+                cwd=self.paths.root,
+                env=minimal_env(),
+                pass_fds=prepared.command.pass_fds,
             )
+        finally:
+            prepared.close()
         return self.proc
 
     def console_has(self, marker: str) -> bool:

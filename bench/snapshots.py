@@ -2,13 +2,15 @@
 
 The guest is the 128 MiB test guest with a user-mode port forward. Each round:
 
-* raw create: plain QEMU launched with the same argv (``qemu_argv``); by hand over QMP:
-  ``stop``, ``migrate-set-parameters max-bandwidth``, ``migrate exec:cat > FILE``, poll
+* raw create: plain QEMU launched with the same argv and descriptors, confined the same way
+  (the driver's ``prepare``); by hand over QMP: ``stop``, ``migrate-set-parameters
+  max-bandwidth``, ``getfd`` of the state file and ``migrate fd:``, poll
   ``query-migrate`` until completed, ``cont``. No checksum, no fsync, no bookkeeping.
 * stoker create: ``POST /api/v1/vms/{ref}/snapshots`` until it answers (pause, save,
   resume, sha256 of every file, manifest, fsync, rename, database row, event).
 * raw restore: SIGKILL + reap the running QEMU, launch the same argv with
-  ``-incoming exec:cat FILE``, poll ``query-status`` until paused, ``cont``, until running.
+  ``-incoming fd:N`` of the state file, poll ``query-status`` until paused, ``cont``, until
+  running.
 * stoker restore: ``POST /api/v1/snapshots/{id}/restore`` until it answers with the VM
   running (forced stop, start with ``restore_from``, state recorded, event published).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +73,15 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
         began = time.perf_counter()
         await qmp.execute("stop")
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
-        await qmp.execute("migrate", {"uri": f"exec:cat > '{state}'"})
+        # the same way stoker saves: a descriptor handed to QEMU (a sandboxed QEMU cannot
+        # run "exec:cat")
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            qmp.send_fd_scm(fd)
+            await qmp.execute("getfd", {"fdname": "state"})
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate", {"uri": "fd:state"})
         while (await _query(qmp, "query-migrate")).get("status") != "completed":
             await asyncio.sleep(POLL_S)
         await qmp.execute("cont")
@@ -79,7 +90,7 @@ async def raw_round(spec: VMSpec, marker: str, port: int) -> tuple[float, float]
 
         began = time.perf_counter()
         raw.kill()
-        raw.launch(["-incoming", f"exec:cat '{state}'"])
+        raw.launch(incoming=state)
         qmp = await _qmp(raw.paths.control_socket)
         while (await _query(qmp, "query-status"))["status"] != "paused":
             await asyncio.sleep(POLL_S)

@@ -35,7 +35,8 @@ fi
 
 stoker vm delete demo --force >/dev/null 2>&1 || true
 PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-stoker vm create demo --guest --memory 128 --forward "$PORT:80" --label app=demo \
+# user-mode networking: the demo makes no bridge or NAT rule on this host
+stoker vm create demo --guest --memory 128 --net user --forward "$PORT:80" --label app=demo \
     --restart-policy on-failure --start
 echo
 stoker vm list

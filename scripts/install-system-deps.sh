@@ -24,6 +24,8 @@ have_cmd etcdctl || need+=(etcd-client)
 have_cmd chromium || need+=(chromium)
 have_cmd chromedriver || need+=(chromium-driver)
 have_cmd setpriv || need+=(util-linux)
+have_cmd npm || need+=(npm)  # installs the web console's htmx and uPlot (make web)
+have_cmd systemd-analyze || need+=(systemd)  # checks packaging/stoker.service
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "system packages: all present"

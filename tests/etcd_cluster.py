@@ -4,6 +4,10 @@ one process per member, free ports, temp data dirs, always cleaned up.
 It talks to etcd only over plain HTTP (``/health`` and the JSON gateway's status call) so that
 it is an independent witness of the cluster, not a second user of the code under test.
 
+With ``netns``, every member runs inside that network namespace (``nsenter --net``) and
+listens on ``host`` there (an address of a bridge the test made), and the harness's own HTTP
+calls are made from inside it too; agents in other namespaces reach it over veth pairs.
+
     with EtcdCluster(size=3) as cluster:
         urls = cluster.client_urls
         leader = cluster.leader()
@@ -14,8 +18,10 @@ it is an independent witness of the cluster, not a second user of the code under
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import functools
 import json
 import shutil
 import signal
@@ -27,9 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from stoker.host.netns import call_in_netns
 from tests.helpers import free_port, short_tmpdir
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -58,14 +67,15 @@ class Member:
     data_dir: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -83,9 +93,12 @@ class EtcdCluster:
         heartbeat_ms: int = 50,
         election_ms: int = 500,
         start_timeout: float = 20.0,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
+        self.netns = netns
         self.root = short_tmpdir("stk-etcd-")
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
@@ -98,6 +111,7 @@ class EtcdCluster:
                 peer_port=free_port(),
                 data_dir=self.root / f"m{i}",
                 log=self.root / f"m{i}.log",
+                host=host,
             )
             for i in range(size)
         ]
@@ -149,6 +163,8 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-outputs", "stderr",
         ]  # fmt: skip
+        if self.netns is not None:
+            cmd = ["nsenter", f"--net=/run/netns/{self.netns}", *cmd]
         with open(member.log, "ab") as log:
             member.proc = subprocess.Popen(
                 cmd,
@@ -204,11 +220,30 @@ class EtcdCluster:
         if member.running:
             raise RuntimeError(f"member {name} is still running")
         self._spawn(member)
-        self._wait(lambda: self._healthy(member), timeout, f"member {name} healthy again")
+        self._wait(
+            lambda: self._here(lambda: self._healthy(member)), timeout, f"member {name} healthy"
+        )
+
+    def _here(self, fn: Callable[[], T]) -> T:
+        """``fn()`` from inside the members' namespace (or here, on loopback)."""
+        return call_in_netns(self.netns, fn)
+
+    def restart_all(self, timeout: float = 30.0) -> None:
+        """Start every killed member again at once (one alone has no quorum to be healthy)."""
+        for member in self.members:
+            if not member.running:
+                self._spawn(member)
+        self.wait_healthy(timeout)
+
+    def kill_all(self) -> None:
+        for member in self.members:
+            self._kill(member)
 
     def healthy(self) -> bool:
         running = [m for m in self.members if m.running]
-        return bool(running) and all(self._healthy(m) for m in running)
+        return bool(running) and all(
+            self._here(functools.partial(self._healthy, m)) for m in running
+        )
 
     def wait_healthy(self, timeout: float | None = None) -> None:
         self._wait(self.healthy, timeout or self.start_timeout, "every member healthy")
@@ -218,7 +253,11 @@ class EtcdCluster:
         found: list[str] = []
 
         def agreed() -> bool:
-            ids = {m.name: self._status(m) for m in self.members if m.running}
+            ids = {
+                m.name: self._here(functools.partial(self._status, m))
+                for m in self.members
+                if m.running
+            }
             known = {st["header"]["member_id"]: name for name, st in ids.items() if st}
             leaders = {st["leader"] for st in ids.values() if st}
             if len(leaders) == 1 and (leader := leaders.pop()) in known:
@@ -235,22 +274,43 @@ class EtcdCluster:
 
     def move_leader(self, name: str, timeout: float = 10.0) -> None:
         """Hand raft leadership to member ``name`` (etcd's MoveLeader, asked of the leader)."""
-        target = self._status(self.member(name))
+        target = self._here(lambda: self._status(self.member(name)))
         if target is None:
             raise RuntimeError(f"member {name} does not answer")
         if self.leader() == name:
             return
-        self._post(
-            self.member(self.leader()),
-            "/v3/maintenance/transfer-leadership",
-            {"targetID": target["header"]["member_id"]},
+        leader = self.member(self.leader())
+        self._here(
+            lambda: self._post(
+                leader,
+                "/v3/maintenance/transfer-leadership",
+                {"targetID": target["header"]["member_id"]},
+            )
         )
         self._wait(lambda: self.leader() == name, timeout, f"{name} to lead")
 
     def compact(self, revision: int) -> None:
         """Drop the history before ``revision`` (what etcd's auto-compaction does)."""
         running = next(m for m in self.members if m.running)
-        self._post(running, "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        self._here(
+            lambda: self._post(
+                running, "/v3/kv/compaction", {"revision": str(revision), "physical": True}
+            )
+        )
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """One key as a running member has it (the JSON gateway; values base64), or None."""
+        body: dict[str, object] = {"key": base64.b64encode(key.encode()).decode()}
+        for member in self.members:
+            if not member.running:
+                continue
+            try:
+                answer = self._here(functools.partial(self._post, member, "/v3/kv/range", body))
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+            kvs = answer.get("kvs") if isinstance(answer, dict) else None
+            return dict(kvs[0]) if kvs else None
+        raise RuntimeError("no etcd member answered")
 
     def watchers(self, name: str) -> int:
         """How many watches member ``name`` serves now (its own metric), to find the member

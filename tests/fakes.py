@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,9 @@ class FakeVMM:
         self.calls.append("save_state")
         dest.write_bytes(b"fake memory state")
 
+    async def sync_guest_clock(self, now: datetime, timeout_s: float) -> None:
+        self.calls.append("sync_guest_clock")
+
     async def cancel_state_save(self) -> bool:
         self.calls.append("cancel_state_save")
         return False
@@ -181,6 +185,7 @@ class FakeDriver:
     def _make(self, spec: VMSpec, paths: VMPaths) -> FakeVMM:
         if self.spawn_error is not None:
             raise DriverError(self.spawn_error)
+        paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as a real driver does
         record = ProcessRecord(next(_PIDS), 1, str(paths.control_socket), accel="fake")
         vmm = FakeVMM(spec, record, **self.script)
         self.vmms.append(vmm)
@@ -189,6 +194,9 @@ class FakeDriver:
     async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> FakeVMM:
         self.boots.append(boot)
         return self._make(spec, paths)
+
+    def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
+        return None
 
     async def adopt(self, spec: VMSpec, paths: VMPaths, record: ProcessRecord) -> FakeVMM:
         raise DriverError(f"process {record.pid} is gone")

@@ -53,6 +53,9 @@ def guest_spec(name: str, port: int | None = None, **overrides: Any) -> dict[str
     }
     if port is not None:
         spec["network"] = {"mode": "user", "port_forwards": [{"host_port": port, "guest_port": 80}]}
+    else:
+        # explicit: a spec without a network joins the agent's default managed network
+        spec["network"] = {"mode": "none"}
     spec.update(overrides)
     return spec
 
@@ -107,7 +110,15 @@ class AgentProcess:
         self.log = self.data_dir / "agent.log"
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
-        env = {**os.environ, "STOKER_DATA_DIR": str(self.data_dir), **self.env}
+        env = {
+            **os.environ,
+            "STOKER_DATA_DIR": str(self.data_dir),
+            # bridges, NAT rules and dnsmasq only inside a namespace the test made, never in
+            # the host's own: an agent run outside one (``ip netns exec``, ``nsenter
+            # --net=/run/netns/...``) makes no networks
+            "STOKER_NETWORK__ENABLED": "true" if "netns" in " ".join(self.wrapper) else "false",
+            **self.env,
+        }
         env.pop("STOKER_SOCKET", None)
         command = ["-m", "stoker.cli.main", "agent"]
         if self.module is not None:
@@ -148,6 +159,11 @@ class AgentProcess:
         """Stop the agent and kill every VMM it left behind (tests must not leak QEMUs)."""
         self.stop()
         vms_dir = self.data_dir / "vms"
+        # a VMM carries its VM's id in its command line (process=stoker-<id>), the VM's
+        # directory path when it runs unconfined
+        markers = [str(vms_dir).encode()]
+        if vms_dir.is_dir():
+            markers += [f"process=stoker-{d.name}".encode() for d in vms_dir.iterdir()]
         for proc_dir in Path("/proc").iterdir():
             if not proc_dir.name.isdigit():
                 continue
@@ -155,10 +171,17 @@ class AgentProcess:
                 cmdline = (proc_dir / "cmdline").read_bytes()
             except OSError:
                 continue
-            if str(vms_dir).encode() in cmdline:
+            if any(marker in cmdline for marker in markers):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(proc_dir.name), signal.SIGKILL)
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @property
+    def images(self) -> Path:
+        """The agent's own image pool (``<data_dir>/images``): where tests put disk images."""
+        path = self.data_dir / "images"
+        path.mkdir(exist_ok=True)
+        return path
 
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

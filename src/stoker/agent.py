@@ -7,64 +7,107 @@ cannot touch them either, since each VMM lives in its own session with its outpu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import os
 import signal
-import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-
+from stoker.api import serve
 from stoker.api.app import create_app
 from stoker.config import AgentConfig, ConfigError, section
 from stoker.domain.capabilities import Capabilities
 from stoker.domain.spec import VMSpec
+from stoker.domain.uids import UidRange
 from stoker.drivers.base import Driver
-from stoker.drivers.firecracker.driver import FirecrackerDriver, FirecrackerOptions
+from stoker.drivers.firecracker.driver import (
+    FirecrackerDriver,
+    FirecrackerOptions,
+    JailerConfig,
+)
 from stoker.drivers.qemu import QemuDriver
+from stoker.drivers.qemu_launch import LaunchSettings
+from stoker.host.images import ImagePolicy, agent_private_paths
+from stoker.host.lockfile import DataDirLock
 from stoker.host.proc import set_child_subreaper
+from stoker.host.sdnotify import Notifier
+from stoker.services.backups import DatabaseBackups, DatabaseConfig
 from stoker.services.container import Background, Services
 from stoker.services.directory import VMDirectory
 from stoker.services.events import EventBus
 from stoker.services.health import HealthConfig, HealthService
+from stoker.services.history import HistoryConfig, LogRotation
 from stoker.services.hooks import HooksConfig, HookService
+from stoker.services.identities import VMIdentities
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.loops import PeriodicTask
+from stoker.services.manifests import ManifestConfig, ManifestService, ManifestWatcher
 from stoker.services.metrics import Metrics
+from stoker.services.networks import NetworkConfig, NetworkHost, NetworkService
+from stoker.services.networks import probe as probe_networking
 from stoker.services.quotas import QuotasConfig, QuotaService
 from stoker.services.recovery import Recovery
 from stoker.services.reports import ReportGenerator
 from stoker.services.resources import ResourcesConfig, ResourceService, node_capacity
 from stoker.services.scheduler import Scheduler, SchedulerConfig, host_tz_name, zone
 from stoker.services.snapshots import SnapshotHousekeeping, SnapshotsConfig, SnapshotService
+from stoker.services.warmstart import WarmStartConfig, WarmStarts
+from stoker.startup import StartRefused, prepare_data_dir
 from stoker.store.db import Database
 from stoker.store.events import EventStore
 from stoker.store.health import HealthStore
+from stoker.store.manifests import ManifestStore
+from stoker.store.networks import NetworkStore
 from stoker.store.quotas import QuotaStore
 from stoker.store.resources import ResourceStore
 from stoker.store.schedules import ScheduleStore
 from stoker.store.snapshots import SnapshotStore
+from stoker.store.uids import UidStore
 from stoker.store.vms import VMStore
+
+if TYPE_CHECKING:  # cluster mode is imported only when configured: it brings gRPC
+    from stoker.cluster.service import ClusterMembership
 
 log = logging.getLogger("stoker.agent")
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the agent owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+def image_policy(config: AgentConfig) -> ImagePolicy:
+    """The image pools, minus the agent's own files (every VM's directory, the database)."""
+    return ImagePolicy.create(
+        config.image_pools, agent_private_paths(config.data_dir, config.db_path)
+    )
 
 
 def build_drivers(config: AgentConfig) -> dict[str, Driver]:
-    firecracker = FirecrackerDriver(FirecrackerOptions(binary=config.firecracker.binary))
-    return {"qemu": QemuDriver(binary=config.qemu.binary), "firecracker": firecracker}
+    security = config.security
+    if not security.confine:
+        log.warning(
+            "CONFINEMENT IS OFF ([security] confine = false): every VMM runs as root with the "
+            "agent's view of the host; a guest that escapes its VMM owns this host. Use this "
+            "for development only."
+        )
+    qemu = QemuDriver(
+        LaunchSettings(
+            binary=config.qemu.binary,
+            images=image_policy(config),
+            confine=security.mode if security.confine else None,
+            user_net_outbound=security.user_net_outbound,
+        )
+    )
+    jailer = None
+    if security.confine:
+        jailer = JailerConfig(
+            binary=config.firecracker.jailer or "jailer",
+            chroot_base=config.data_dir / "jail",
+        )
+    firecracker = FirecrackerDriver(
+        FirecrackerOptions(
+            binary=config.firecracker.binary, jailer=jailer, images=image_policy(config)
+        )
+    )
+    return {"qemu": qemu, "firecracker": firecracker}
 
 
 def build_services(
@@ -84,7 +127,20 @@ def build_services(
 
     clock = _utc_now
     events = EventBus(EventStore(db), clock=clock)
-    directory = VMDirectory(VMStore(db), config.data_dir)
+    history_cfg = section(config, "history", HistoryConfig)
+    directory = VMDirectory(VMStore(db, history_cfg.transitions_per_vm), config.data_dir)
+    network_cfg = section(config, "network", NetworkConfig)
+    network_root = network_cfg.state_root(config.data_dir)
+    networks = NetworkService(
+        network_cfg,
+        NetworkStore(db),
+        directory,
+        NetworkHost(network_cfg, network_root),
+        probe_networking(network_cfg, network_root),
+        capabilities_of,
+        clock=clock,
+        events=events,
+    )
 
     # what takes part in a VM's life: built before the lifecycle, handed to it
     resources_cfg = section(config, "resources", ResourcesConfig)
@@ -104,30 +160,63 @@ def build_services(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     health = HealthService(
-        directory, events, HealthStore(db), health_cfg, probe_observers=[hooks], clock=clock
+        directory,
+        events,
+        HealthStore(db),
+        health_cfg,
+        probe_observers=[hooks],
+        addresses=networks,
+        clock=clock,
     )
     quotas_cfg = section(config, "quotas", QuotasConfig)
     quotas = QuotaService(directory, events, QuotaStore(db), quotas_cfg, capabilities_of)
     snapshot_store = SnapshotStore(db)
     housekeeping = SnapshotHousekeeping(directory, snapshot_store, events)
 
+    identities = (
+        VMIdentities(UidStore(db), UidRange.parse(config.security.vm_uid_range), clock=clock)
+        if config.security.confine
+        else None
+    )
+    warm = WarmStarts(
+        directory,
+        events,
+        section(config, "warm_start", WarmStartConfig),
+        lambda spec: hypervisor_version(drivers, spec.hypervisor.value),
+        clock=clock,
+    )
+    membership: ClusterMembership | None = None
+    if "cluster" in config.sections:  # cluster mode (docs/cluster.md); absent: single host
+        from stoker.cluster.service import ClusterMembership
+
+        membership = ClusterMembership.from_config(config, resources.capacity)
     lifecycle = Lifecycle(
         directory,
         events,
         drivers,
         gate=resources.gate,
-        create_checks=[quotas, health],
-        start_guards=[hooks, quotas],
+        create_checks=[quotas, health, networks, warm],
+        start_guards=[hooks, quotas, *([membership.ownership] if membership else [])],
         spawn_observers=[quotas],
-        vmm_observers=[resources, health, quotas, housekeeping],
+        vmm_observers=[resources, health, quotas, housekeeping, warm],
         boot_limits=quotas,
+        spec_defaults=[networks],
+        network=networks,
+        identities=identities,
+        vm_snapshots=housekeeping,
+        warm=warm,
+        ready_observers=[warm],
         clock=clock,
     )
+
+    cluster = membership.node(lifecycle) if membership else None
 
     # what acts on VMs through the lifecycle
     recovery = Recovery(lifecycle, events, health_cfg, clock=clock)
     snapshots_cfg = section(config, "snapshots", SnapshotsConfig)
-    snapshots = SnapshotService(lifecycle, snapshot_store, snapshots_cfg, clock=clock)
+    snapshots = SnapshotService(
+        lifecycle, snapshot_store, snapshots_cfg, clock=clock, locks=housekeeping.locks
+    )
     scheduler_cfg = section(config, "scheduler", SchedulerConfig)
     tz_name = scheduler_cfg.tz or host_tz_name()
     reports = ReportGenerator(
@@ -137,15 +226,28 @@ def build_services(
         resources.store,
         predictor=lambda: resources.predict(clock().timestamp()),
         clock=clock,
+        keep=history_cfg.reports_keep(),
     )
     scheduler = Scheduler(
-        ScheduleStore(db),
+        ScheduleStore(db, history_cfg.runs_per_schedule),
         lifecycle,
         events,
         snapshots,
         reports,
         scheduler_cfg,
         tz_name,
+        clock=clock,
+    )
+    manifest_cfg = section(config, "manifest", ManifestConfig)
+    manifests = ManifestService(
+        lifecycle,
+        quotas,
+        snapshots,
+        scheduler,
+        networks,
+        ManifestStore(db),
+        events,
+        watching=manifest_cfg.path,
         clock=clock,
     )
 
@@ -157,19 +259,31 @@ def build_services(
         quotas.on_event,
         housekeeping.on_event,
         snapshots.on_event,
+        networks.on_event,
+        *([identities.on_event] if identities else []),
+        *([cluster.on_event] if cluster else []),
     ):
         events.add_listener(listener)
 
     background: list[Background] = [
+        networks,  # first: VMs that recovery restarts find their networks reconciled
         resources,
         hooks,  # stopped after recovery and health, so hooks see the end
         recovery,
         health,
         PeriodicTask("quota monitor", quotas.check_once, quotas_cfg.monitor_interval_s),
         PeriodicTask("automatic snapshots", snapshots.run_due, snapshots_cfg.tick_s),
+        LogRotation(directory, history_cfg),
+        DatabaseBackups(
+            config.db_path, config.data_dir, section(config, "database", DatabaseConfig), events
+        ),
     ]
     if scheduler_cfg.enabled:
         background.append(scheduler)
+    if manifest_cfg.path is not None:  # last: applies onto everything else, reconciled
+        background.append(ManifestWatcher(manifest_cfg, manifests))
+    if cluster is not None:  # its fencer guards re-adopted cluster VMs from here on
+        background.append(cluster)
     return Services(
         directory=directory,
         events=events,
@@ -179,13 +293,23 @@ def build_services(
         health=health,
         recovery=recovery,
         hooks=hooks,
+        networks=networks,
         quotas=quotas,
         snapshots=snapshots,
         snapshot_housekeeping=housekeeping,
         scheduler=scheduler,
         reports=reports,
+        manifests=manifests,
+        warm=warm,
         background=tuple(background),
+        cluster=cluster,
     )
+
+
+def hypervisor_version(drivers: Mapping[str, Driver], name: str) -> str:
+    """A driver's hypervisor version (saved state is valid for that version only)."""
+    driver = drivers.get(name)
+    return driver.version if isinstance(driver, QemuDriver) else "unknown"
 
 
 def _utc_now() -> datetime:
@@ -199,8 +323,10 @@ class Agent:
     drivers: Mapping[str, Driver] | None = None
     db: Database = field(init=False)
     services: Services = field(init=False)
-    _servers: list[_Server] = field(default_factory=list)
-    _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _serving: serve.Serving = field(default_factory=serve.Serving)
+    _lock: DataDirLock | None = None
+    #: systemd's notify socket (Type=notify, WatchdogSec=); does nothing outside systemd
+    _notifier: Notifier = field(default_factory=Notifier)
 
     def build(self) -> Services:
         """Open the store and build the services; start-up repairs come before re-adoption."""
@@ -210,30 +336,33 @@ class Agent:
         self.services = build_services(self.config, self.db, self.drivers)
         self.services.resources.reconcile()
         self.services.snapshot_housekeeping.cleanup_leftovers()
+        self.services.warm.cleanup_leftovers()
         if self.services.scheduler.config.enabled:
             self.services.scheduler.ensure_default_report()
         return self.services
 
-    def _listen_unix(self, path: Path) -> socket.socket:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, self.config.api.socket_mode)
-        sock.listen(128)
-        return sock
-
-    def _listen_tcp(self, host: str, port: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        return sock
-
     async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Refuse early (a bad token, another agent on the data dir, a damaged database),
+        then build, re-adopt, serve until SIGTERM or SIGINT."""
+        api = self.config.api
+        token = api.resolved_token()  # ConfigError: empty, short or world-readable
+        if api.tls_cert is not None and api.tls_key is not None:
+            try:
+                serve.check_tls_files(api.tls_cert, api.tls_key)
+            except serve.ServeError as exc:
+                raise StartRefused(str(exc)) from None
+        self._lock = prepare_data_dir(self.config, section(self.config, "database", DatabaseConfig))
+        try:
+            await self._run(token, ready)
+        finally:
+            self._lock.release()
+
+    async def _run(self, token: str | None, ready: asyncio.Event | None) -> None:
         set_child_subreaper()
+        serve.check_socket_free(self.config.socket_path)  # before re-adopting anything
+        soft, hard = serve.raise_descriptor_limit()
+        serve.quiet_accept_errors(asyncio.get_running_loop())
+        log.debug("descriptor limit %d (hard %d)", soft, hard)
         services = self.build()
         await services.lifecycle.recover()
         # Everything built so far lives as long as the agent: keep it out of the cyclic
@@ -242,21 +371,8 @@ class Agent:
         gc.freeze()
         for loop_service in services.background:
             await loop_service.start()
-        listeners: list[tuple[socket.socket, str | None]] = [
-            (self._listen_unix(self.config.socket_path), None)
-        ]
-        if self.config.api.tcp_port is not None:
-            listeners.append(
-                (
-                    self._listen_tcp(self.config.api.tcp_host, self.config.api.tcp_port),
-                    self.config.api.resolved_token(),
-                )
-            )
-        for sock, token in listeners:
-            app = create_app(services, token=token)
-            server = _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False))
-            self._servers.append(server)
-            self._background.append(asyncio.create_task(server.serve(sockets=[sock])))
+        self._serve(services, token)
+        await self._listening()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -267,14 +383,48 @@ class Agent:
         )
         if ready is not None:
             ready.set()
+        # after re-adoption and with every listener serving: systemd may now count on us
+        self._notifier.ready(f"serving; {len(services.directory.owned_items())} VMMs running")
+        self._notifier.start_watchdog()
         await stop.wait()
+        self._notifier.stopping()
         log.info("agent stopping; VMs keep running")
         await self.close()
+        await self._notifier.stop_watchdog()
+
+    async def _listening(self, timeout_s: float = 30.0) -> None:
+        """Wait until every listener's server has started, so READY=1 means it answers; a
+        server that failed to start raises its error here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(server.started for server in self._serving.servers):
+            for task in self._serving.tasks:
+                if task.done():
+                    task.result()  # its exception, if it failed
+            if loop.time() > deadline:
+                raise StartRefused(f"the API listeners did not start within {timeout_s:g} s")
+            await asyncio.sleep(0.005)
+
+    def _serve(self, services: Services, token: str | None) -> None:
+        """The Unix socket, and TCP when configured: each its own server and limits."""
+        api = self.config.api
+        limits = serve.Limits(
+            max_connections=api.max_connections,
+            header_timeout_s=api.header_timeout_s,
+            keepalive_timeout_s=api.keepalive_timeout_s,
+            max_header_bytes=api.max_header_bytes,
+            max_body_bytes=api.max_body_bytes,
+        )
+        unix = serve.listen_unix(self.config.socket_path, api.socket_mode)
+        self._serving.unix = unix
+        self._serving.add("unix", create_app(services), unix.sock, limits)
+        if api.tcp_port is not None:
+            tcp = serve.listen_tcp(api.tcp_host, api.tcp_port)
+            tls = (api.tls_cert, api.tls_key) if api.tls_cert and api.tls_key else None
+            self._serving.add("tcp", create_app(services, token=token), tcp, limits, tls)
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.should_exit = True
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._serving.close()
         for loop_service in reversed(self.services.background):
             try:
                 await loop_service.stop()
@@ -283,5 +433,3 @@ class Agent:
         await self.services.lifecycle.shutdown()
         await self.services.events.drain()
         self.db.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.socket_path.unlink()

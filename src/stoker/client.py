@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,10 +19,18 @@ from pydantic import BaseModel
 
 from stoker.domain.spec import VMSpec
 from stoker.wire import (
+    AppliedManifestOut,
+    ApplyOut,
     AutoSnapshotOut,
     ConsoleOut,
     EventOut,
     HealthOut,
+    ManifestFile,
+    ManifestProblemOut,
+    ManifestRequest,
+    NetworkingOut,
+    NetworkOut,
+    PlanOut,
     PolicyIn,
     PolicyOut,
     PruneOut,
@@ -32,6 +40,7 @@ from stoker.wire import (
     ResourcesOut,
     RestartRequest,
     RestoreOut,
+    RestoreRequest,
     RunOut,
     ScheduleOut,
     SnapshotOut,
@@ -40,6 +49,16 @@ from stoker.wire import (
     VMMetricsList,
     VMMetricsOut,
     VMOut,
+)
+from stoker.wire.cluster import (
+    ClusterOut,
+    ClusterVMOut,
+    ClusterVMPage,
+    ClusterVMSummary,
+    CordonIn,
+    ExplainOut,
+    NodeOut,
+    PlacementRules,
 )
 
 DEFAULT_SOCKET = Path("/var/lib/stoker/stoker.sock")
@@ -158,8 +177,12 @@ class Client:
     def get_vm(self, ref: str) -> VMOut:
         return VMOut.model_validate(self.request("GET", f"/api/v1/vms/{ref}"))
 
-    def delete_vm(self, ref: str, force: bool = False) -> None:
-        self.request("DELETE", f"/api/v1/vms/{ref}", params={"force": force})
+    def delete_vm(self, ref: str, force: bool = False, snapshots: str | None = None) -> None:
+        """``snapshots``: "keep" or "delete", required when the VM has snapshots."""
+        params: dict[str, Any] = {"force": force}
+        if snapshots is not None:
+            params["snapshots"] = snapshots
+        self.request("DELETE", f"/api/v1/vms/{ref}", params=params)
 
     def start_vm(self, ref: str, wait: bool = True, timeout_s: float = 300) -> VMOut:
         return VMOut.model_validate(
@@ -236,6 +259,67 @@ class Client:
     def list_quotas(self) -> list[QuotaOut]:
         return _list(QuotaOut, self.request("GET", "/api/v1/quotas"))
 
+    # -------------------------------------------------------------------------- networks
+
+    def networking(self) -> NetworkingOut:
+        """Whether the agent makes managed networks, and what a VM without a network gets."""
+        return NetworkingOut.model_validate(self.request("GET", "/api/v1/networking"))
+
+    def list_networks(self) -> list[NetworkOut]:
+        return _list(NetworkOut, self.request("GET", "/api/v1/networks"))
+
+    def create_network(
+        self,
+        name: str,
+        subnet: str,
+        isolation: str = "isolated",
+        ipv6: bool = False,
+        bridge: str | None = None,
+        uplink: str | None = None,
+    ) -> NetworkOut:
+        """A bridge with NAT, DHCP and isolation (``isolated`` or ``open``) on ``subnet``."""
+        # sent as given: the agent checks it and names the field to fix
+        fields = {"bridge": bridge, "uplink": uplink}
+        body = {"name": name, "subnet": subnet, "isolation": isolation, "ipv6": ipv6}
+        body.update({k: v for k, v in fields.items() if v is not None})
+        return NetworkOut.model_validate(self.request("POST", "/api/v1/networks", json=body))
+
+    def get_network(self, ref: str) -> NetworkOut:
+        return NetworkOut.model_validate(self.request("GET", f"/api/v1/networks/{ref}"))
+
+    def delete_network(self, ref: str) -> None:
+        self.request("DELETE", f"/api/v1/networks/{ref}")
+
+    # ------------------------------------------------------------------------- manifests
+
+    def get_manifest(self) -> AppliedManifestOut:
+        """The last applied manifest, its hash, and every object a manifest manages."""
+        return AppliedManifestOut.model_validate(self.request("GET", "/api/v1/manifest"))
+
+    def plan_manifest(
+        self,
+        files: Sequence[ManifestFile],
+        prune: bool = False,
+        restart: bool = False,
+        width: int = 80,
+    ) -> PlanOut:
+        """What applying ``files`` would change; StokerError 422 with every problem (see
+        :func:`manifest_problems`)."""
+        body = ManifestRequest(files=list(files), prune=prune, restart=restart, width=width)
+        answer = self.request("POST", "/api/v1/manifest/plan", json=body.model_dump())
+        return PlanOut.model_validate(answer)
+
+    def apply_manifest(
+        self,
+        files: Sequence[ManifestFile],
+        prune: bool = False,
+        restart: bool = False,
+        width: int = 80,
+    ) -> ApplyOut:
+        body = ManifestRequest(files=list(files), prune=prune, restart=restart, width=width)
+        answer = self.request("POST", "/api/v1/manifest/apply", json=body.model_dump())
+        return ApplyOut.model_validate(answer)
+
     # ------------------------------------------------------------------------- snapshots
 
     def create_snapshot(
@@ -262,9 +346,15 @@ class Client:
     def delete_snapshot(self, snapshot_id: str, force: bool = False) -> None:
         self.request("DELETE", f"/api/v1/snapshots/{snapshot_id}", params={"force": force})
 
-    def restore_snapshot(self, snapshot_id: str) -> RestoreOut:
-        """The snapshot and the VM, once the VM runs again."""
-        answer = self.request("POST", f"/api/v1/snapshots/{snapshot_id}/restore")
+    def restore_snapshot(self, snapshot_id: str, as_name: str | None = None) -> RestoreOut:
+        """The snapshot and the VM, once the VM runs again; with ``as_name``, a new VM of
+        that name made from the snapshot."""
+        body = (
+            RestoreRequest.model_validate({"as": as_name}).model_dump(by_alias=True)
+            if as_name
+            else None
+        )
+        answer = self.request("POST", f"/api/v1/snapshots/{snapshot_id}/restore", json=body)
         return RestoreOut.model_validate(answer)
 
     def verify_snapshot(self, snapshot_id: str, deep: bool = False) -> SnapshotOut:
@@ -389,12 +479,108 @@ class Client:
             if line.startswith("data:"):
                 yield EventOut.model_validate_json(line[5:].strip())
 
+    # --------------------------------------------------------------- cluster (any node)
+
+    def cluster(self) -> ClusterOut:
+        """This node's standing in the cluster; 404 when the agent is not in cluster mode."""
+        return ClusterOut.model_validate(self.request("GET", "/api/v1/cluster"))
+
+    def cluster_nodes(self) -> list[NodeOut]:
+        return _list(NodeOut, self.request("GET", "/api/v1/cluster/nodes"))
+
+    def cluster_node(self, name: str) -> NodeOut:
+        return NodeOut.model_validate(self.request("GET", f"/api/v1/cluster/nodes/{name}"))
+
+    def cordon_node(self, name: str, reason: str = "", drain: bool = False) -> NodeOut:
+        """No new placements on ``name``; with ``drain`` its VMs also move away."""
+        action = "drain" if drain else "cordon"
+        body = CordonIn(reason=reason).model_dump()
+        answer = self.request("POST", f"/api/v1/cluster/nodes/{name}/{action}", json=body)
+        return NodeOut.model_validate(answer)
+
+    def uncordon_node(self, name: str) -> NodeOut:
+        return NodeOut.model_validate(
+            self.request("POST", f"/api/v1/cluster/nodes/{name}/uncordon")
+        )
+
+    def create_cluster_vm(
+        self,
+        spec: VMSpec | dict[str, Any],
+        placement: PlacementRules | dict[str, Any] | None = None,
+        stateless: bool | None = None,
+        start: bool = True,
+        wait_s: float = 0,
+    ) -> ClusterVMOut:
+        """Create a VM the cluster places; ``wait_s``: wait up to that long for a placement."""
+        body: dict[str, Any] = {
+            "spec": (
+                spec.model_dump(mode="json", exclude_unset=True)
+                if isinstance(spec, VMSpec)
+                else spec
+            ),
+            "start": start,
+        }
+        if placement is not None:
+            body["placement"] = (
+                placement.model_dump(mode="json", exclude_none=True)
+                if isinstance(placement, PlacementRules)
+                else placement
+            )
+        if stateless is not None:
+            body["stateless"] = stateless
+        answer = self.request("POST", "/api/v1/cluster/vms", json=body, params={"wait_s": wait_s})
+        return ClusterVMOut.model_validate(answer)
+
+    def list_cluster_vms(self, limit: int = 500, after: str | None = None) -> ClusterVMPage:
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        return ClusterVMPage.model_validate(
+            self.request("GET", "/api/v1/cluster/vms", params=params)
+        )
+
+    def all_cluster_vms(self) -> Iterator[ClusterVMSummary]:
+        """Every cluster VM, page after page."""
+        after: str | None = None
+        while True:
+            page = self.list_cluster_vms(after=after)
+            yield from page.items
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    def get_cluster_vm(self, name: str) -> ClusterVMOut:
+        return ClusterVMOut.model_validate(self.request("GET", f"/api/v1/cluster/vms/{name}"))
+
+    def start_cluster_vm(self, name: str) -> ClusterVMOut:
+        return ClusterVMOut.model_validate(
+            self.request("POST", f"/api/v1/cluster/vms/{name}/start")
+        )
+
+    def stop_cluster_vm(self, name: str) -> ClusterVMOut:
+        return ClusterVMOut.model_validate(self.request("POST", f"/api/v1/cluster/vms/{name}/stop"))
+
+    def delete_cluster_vm(self, name: str) -> None:
+        self.request("DELETE", f"/api/v1/cluster/vms/{name}")
+
+    def explain_cluster_vm(self, name: str) -> ExplainOut:
+        return ExplainOut.model_validate(self.request("GET", f"/api/v1/cluster/vms/{name}/explain"))
+
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
 def _list(model: type[_Model], answer: Any) -> list[_Model]:
     return [model.model_validate(item) for item in answer]
+
+
+def manifest_problems(error: StokerError) -> list[ManifestProblemOut]:
+    """An invalid manifest's problems (file, line, key path, message) from a 422 answer."""
+    return [
+        ManifestProblemOut.model_validate(item)
+        for item in error.body.get("errors") or []
+        if isinstance(item, dict) and "file" in item
+    ]
 
 
 def dumps(value: Any) -> str:

@@ -1,11 +1,18 @@
-"""Structured logs: one line per event, ``key=value`` text or JSON."""
+"""Structured logs: one line per event, ``key=value`` text or JSON.
+
+Under systemd (``$JOURNAL_STREAM`` or ``$INVOCATION_ID`` set) the default is JSON lines on
+stdout, which the journal keeps one record per line; elsewhere text on stderr.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -40,8 +47,23 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
+    """Started by systemd: its output goes to the journal."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("JOURNAL_STREAM") or env.get("INVOCATION_ID"))
+
+
+def default_format(environ: Mapping[str, str] | None = None) -> str:
+    """The format when the configuration names none: JSON for the journal, else text."""
+    return "json" if under_systemd(environ) else "text"
+
+
+def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Log at ``level`` in ``fmt``; to ``stream``, by default stdout under systemd and stderr
+    elsewhere."""
+    if stream is None:
+        stream = sys.stdout if under_systemd() else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

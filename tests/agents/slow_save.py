@@ -10,10 +10,12 @@ The wait is ``SLOW_SAVE_DELAY_S`` seconds (required); everything else is the age
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stoker import logs
@@ -21,10 +23,48 @@ from stoker.agent import Agent, build_drivers
 from stoker.config import ConfigError, load_config
 from stoker.domain.process import ProcessRecord
 from stoker.domain.spec import VMSpec
-from stoker.drivers.base import VMPaths
+from stoker.drivers.base import BootOptions, VMPaths
 from stoker.drivers.qemu import QemuDriver, QemuVMM
+from stoker.drivers.qemu_launch import LaunchSettings
+from stoker.services.snapshots import restore
 
 DELAY_ENV = "SLOW_SAVE_DELAY_S"
+#: created in the VM's directory once a save is complete and the hold begins
+HELD_MARKER = "save-held"
+#: optional: seconds a restore's disk copy waits after its first MiB (a slow disk)
+COPY_DELAY_ENV = "SLOW_RESTORE_COPY_S"
+
+
+def slow_copy_into_new(delay_s: float) -> Callable[[Path, int, str], None]:
+    """The restore's disk copy, done in Python with a wait after the first MiB: a test can
+    act while the copy is under way (fill the disk, say) instead of racing ``cp``."""
+
+    def copy(src: Path, dir_fd: int, name: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        try:
+            with open(src, "rb") as source:
+                waited = False
+                offset = 0
+                while chunk := source.read(1 << 20):
+                    if chunk.count(0) < len(chunk):  # holes stay holes, as with cp --sparse
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.pwrite(fd, view, offset + len(chunk) - len(view)) :]
+                    offset += len(chunk)
+                    if not waited:
+                        time.sleep(delay_s)
+                        waited = True
+                os.ftruncate(fd, offset)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            raise
+        os.close(fd)
+
+    return copy
 
 
 class SlowSaveVMM(QemuVMM):
@@ -43,18 +83,27 @@ class SlowSaveVMM(QemuVMM):
 
     async def save_state(self, dest: Path) -> None:
         await super().save_state(dest)
+        # say so (a test acts on it: kills the agent, fills the disk), then hold
+        (self.paths.root / HELD_MARKER).touch()
         await asyncio.sleep(self.delay_s)
 
 
 class SlowSaveQemuDriver(QemuDriver):
     """The QEMU driver, handing out :class:`SlowSaveVMM` for launched and adopted VMMs."""
 
-    def __init__(self, delay_s: float, binary: str) -> None:
-        super().__init__(binary=binary)
+    def __init__(self, delay_s: float, settings: LaunchSettings) -> None:
+        super().__init__(settings)
         self.delay_s = delay_s
 
-    async def _launch(self, spec: VMSpec, paths: VMPaths, argv: Sequence[str]) -> QemuVMM:
-        launched = await super()._launch(spec, paths, argv)
+    async def _launch(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        incoming: Path | None = None,
+    ) -> QemuVMM:
+        launched = await super()._launch(vm_id, spec, paths, boot, incoming)
         # nothing has connected to or watched the new process yet: take it over as it is
         return SlowSaveVMM(self.delay_s, spec, paths, launched.record, child=launched.child)
 
@@ -88,7 +137,13 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     logs.setup(cfg.log.level, cfg.log.format)
-    drivers = {**build_drivers(cfg), "qemu": SlowSaveQemuDriver(delay_s, cfg.qemu.binary)}
+    drivers = build_drivers(cfg)
+    qemu = drivers["qemu"]
+    assert isinstance(qemu, QemuDriver)
+    drivers["qemu"] = SlowSaveQemuDriver(delay_s, qemu.settings)
+    copy_delay = os.environ.get(COPY_DELAY_ENV)
+    if copy_delay:
+        restore.copy_into_new = slow_copy_into_new(float(copy_delay))  # type: ignore[attr-defined,assignment]  # a test agent stands in for a slow disk
     try:
         asyncio.run(Agent(cfg, drivers=drivers).run())
     except (ConfigError, OSError) as exc:

@@ -473,6 +473,7 @@ async def test_restore_loads_the_snapshot_on_a_fresh_process(fc: Harness) -> Non
         "resume_vm": True,
         "track_dirty_pages": False,
         "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-web1"}],
+        "clock_realtime": True,  # x86_64: the guest's kvmclock is advanced to now
     }
     # the restored VM keeps its drives, so live limits still work
     await restored.apply_io_limits(LIMITS)
@@ -706,3 +707,59 @@ async def test_too_long_socket_path_is_refused_clearly(
     paths = VMPaths(tmp_path / ("d" * 120))
     with pytest.raises(DriverError, match="longer than the 107 bytes"):
         await make_driver().spawn("web-1", make_spec(images), paths, BootOptions())
+
+
+async def test_a_warm_start_loads_paused_verifies_then_resumes(fc: Harness) -> None:
+    """The lifecycle's warm start on Firecracker: the first boot is cold and saved at the
+    ready point (pause, /snapshot/create, resume), the next start loads that snapshot with
+    ``resume_vm`` false, checks its checksum, then resumes it (PATCH /vm Resumed)."""
+    from stoker.domain.events import EventType
+    from stoker.services.directory import VMDirectory
+    from stoker.services.events import EventBus
+    from stoker.services.lifecycle import Lifecycle
+    from stoker.services.warmstart import WarmStartConfig, WarmStarts
+    from stoker.store.db import Database
+    from stoker.store.events import EventStore
+    from stoker.store.vms import VMStore
+
+    db = Database(fc.tmp_path / "stoker.db")
+    events = EventBus(EventStore(db))
+    directory = VMDirectory(VMStore(db), fc.tmp_path / "data")
+    driver = fc.make_driver()
+    warm = WarmStarts(directory, events, WarmStartConfig(), lambda spec: "1.16.1")
+    lifecycle = Lifecycle(
+        directory, events, {"firecracker": driver}, ready_observers=[warm], warm=warm
+    )
+    spec = fc.spec(
+        warm_start=True,
+        drives=[{"path": str(fc.images["rootfs"]), "read_only": True}],
+    )
+    try:
+        vm = await lifecycle.create(spec)
+        await lifecycle.start(vm.id)
+        assert (await lifecycle.wait_settled(vm.id, 20)).state.value == "running"
+        for _ in range(200):
+            if warm.current(vm.id) is not None:
+                break
+            await asyncio.sleep(0.05)
+        saved = warm.current(vm.id)
+        assert saved is not None and (saved.state / "vmstate").is_file()
+        await lifecycle.stop(vm.id, graceful=False)
+
+        await lifecycle.start(vm.id)
+        vm_now = await lifecycle.wait_settled(vm.id, 20)
+        assert vm_now.state.value == "running", vm_now.state_reason
+        assert vm_now.process is not None
+        rows = requests_at(directory.paths(vm.id).control_socket, vm_now.process.pid)
+        assert calls(rows)[-2:] == ["PUT /snapshot/load", "PATCH /vm"]
+        load = put_bodies(rows)["/snapshot/load"]
+        assert load["resume_vm"] is False and load["clock_realtime"] is True
+        assert [r["body"] for r in rows if r["method"] == "PATCH"] == [{"state": "Resumed"}]
+        kinds = [e.type for e in events.store.query(vm_id=vm.id, limit=100)]
+        assert EventType.VM_WARM_START in kinds
+        assert EventType.VM_GUEST_CLOCK not in kinds, "kvmclock was advanced by the load"
+    finally:
+        await lifecycle.stop(vm.id, graceful=False)
+        await lifecycle.shutdown()
+        await events.drain()
+        db.close()

@@ -62,9 +62,10 @@ def test_bad_input_is_a_message_and_exit_1(agent, guest):
     assert bad.exit_code == 1
     assert "name" in bad.output and "Traceback" not in bad.output
 
-    missing = stoker(agent, "vm", "create", "nokernel", "--kernel", "/nonexistent/vmlinuz")
+    absent = agent.images / "vmlinuz"  # in the agent's image pool, but not there
+    missing = stoker(agent, "vm", "create", "nokernel", "--kernel", str(absent))
     assert missing.exit_code == 1
-    assert "kernel: no such file: /nonexistent/vmlinuz" in missing.output
+    assert f"kernel: '{absent}' does not exist (no such file)" in missing.output
 
     unknown = stoker(agent, "vm", "show", "nope")
     assert unknown.exit_code == 1 and "no VM named" in unknown.output

@@ -128,6 +128,7 @@ def launch_guest(
             fds.append(os.open(incoming, os.O_RDONLY | os.O_CLOEXEC))
         launch = QemuLaunch(
             name="confined",
+            instance=uuid.uuid4().hex[:16],
             accel="tcg",
             memory_mib=128,
             vcpus=1,

@@ -216,14 +216,14 @@ def test_unix_socket_mode_is_0660(agent):
 def test_tcp_listener_requires_the_token(guest):
     port = free_port()
     proc = AgentProcess(
-        env={"STOKER_API__TCP_PORT": str(port), "STOKER_API__TOKEN": "s3cret"}
+        env={"STOKER_API__TCP_PORT": str(port), "STOKER_API__TOKEN": "s3cret" * 6}
     ).start()
     try:
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/api/v1/vms").status_code == 401
         wrong = httpx.get(f"{url}/api/v1/vms", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
-        right = httpx.get(f"{url}/api/v1/vms", headers={"Authorization": "Bearer s3cret"})
+        right = httpx.get(f"{url}/api/v1/vms", headers={"Authorization": f"Bearer {'s3cret' * 6}"})
         assert right.status_code == 200 and right.json() == []
         with proc.client() as api:  # the Unix socket needs no token
             assert api.list_vms() == []

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
-TOKEN = "prom-test-token"
+TOKEN = "prom-test-token-" + "p" * 32  # the agent refuses tokens under 32 bytes
 
 
 @pytest.fixture

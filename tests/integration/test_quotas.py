@@ -143,7 +143,7 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
     port = free_port()
     with agent.client() as api:
         # a drive larger than the default 1 GiB disk quota is refused at create
-        big = tmp_path / "big.img"
+        big = agent.images / "big.img"
         with open(big, "wb") as f:
             f.truncate(2 * 1024**3)
         with pytest.raises(StokerError) as too_big:
@@ -245,7 +245,7 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
 
 
 def test_disk_throttle_visible_in_qemu_and_slows_direct_io(quota_agent, tmp_path):
-    disk = tmp_path / "data.img"
+    disk = quota_agent.images / "data.img"
     with open(disk, "wb") as f:
         f.truncate(64 * MiB)
     port = free_port()

@@ -86,7 +86,7 @@ def test_real_guests_cpu_memory_disk_and_alerts(tmp_path):
         "STOKER_RESOURCES__MEMORY_ALERT": "9",  # out of reach: this test watches CPU alerts
     }
     agent = AgentProcess(env=env).start()
-    disk = tmp_path / "data.img"
+    disk = agent.images / "data.img"
     subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
     try:
         with agent.client() as api:

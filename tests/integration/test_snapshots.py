@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def boot_with_disk(agent: AgentProcess, name: str) -> tuple[VMOut, int]:
-    disk = agent.data_dir / f"{name}.raw"
+    disk = agent.images / f"{name}.raw"
     with open(disk, "wb") as f:
         f.truncate(64 * 1024 * 1024)
     port = free_port()

@@ -6,6 +6,8 @@ import pytest
 
 from stoker.config import ConfigError, load_config
 
+TOKEN = "t" * 32
+
 
 def test_defaults():
     config = load_config(None, environ={})
@@ -17,7 +19,7 @@ def test_defaults():
 def test_toml_then_environment(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text(
-        'data_dir = "/srv/stoker"\n[api]\ntcp_port = 8080\ntoken = "t"\n'
+        f'data_dir = "/srv/stoker"\n[api]\ntcp_port = 8080\ntoken = "{TOKEN}"\n'
         "[resources]\ninterval_s = 60\n"
     )
     config = load_config(
@@ -29,7 +31,7 @@ def test_toml_then_environment(tmp_path):
         },
     )
     assert config.data_dir == Path("/srv/stoker")
-    assert config.api.tcp_port == 9090 and config.api.resolved_token() == "t"
+    assert config.api.tcp_port == 9090 and config.api.resolved_token() == TOKEN
     assert config.sections["resources"] == {"interval_s": "1"}
 
 

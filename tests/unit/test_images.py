@@ -110,7 +110,7 @@ def test_not_regular_files(layout: dict[str, Path]) -> None:
     assert "not a regular file" in str(rejected(policy, str(pool / "fifo")))
     assert "not a regular file" in str(rejected(policy, str(pool / "dir")))
     assert "outside every image pool" in str(rejected(policy, str(pool)))
-    assert "cannot be read" in str(rejected(policy, str(pool / "missing")))
+    assert "does not exist (no such file)" in str(rejected(policy, str(pool / "missing")))
     assert "not an absolute path" in str(rejected(policy, "disk.img"))
     assert "NUL" in str(rejected(policy, "/a\x00b"))
 

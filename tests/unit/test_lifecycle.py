@@ -255,3 +255,40 @@ async def test_quota_boot_limits_reach_a_vmm_that_takes_them_at_boot(tmp_path: P
     assert driver.boots[-1].io_limits == IOLimits(disk_iops=500, net_mbps=10)
     await lifecycle.shutdown()
     db.close()
+
+
+async def test_a_stop_the_agent_died_in_finishes_even_when_re_adoption_breaks(
+    world: World,
+) -> None:
+    """The agent died while stopping a VM; the next one cannot re-adopt its VMM (an
+    unexpected error, not a DriverError): the stop is finished (VMM killed, stopped), not
+    left in stopping nor turned into an error the table forbids."""
+    import subprocess
+
+    from stoker.domain.process import ProcessRecord
+    from stoker.domain.states import VMState
+    from stoker.host.proc import read_start_time
+
+    vm = await running(world)
+    await world.lifecycle.shutdown()  # the agent is gone; the VMM is left alone
+    vmm_stand_in = subprocess.Popen(["sleep", "60"])
+    try:
+        start = read_start_time(vmm_stand_in.pid)
+        assert start is not None
+        world.lifecycle.vms.set_process(vm.id, ProcessRecord(vmm_stand_in.pid, start, "x"))
+        assert world.lifecycle.vms.compare_and_set_state(
+            vm.id, VMState.RUNNING, VMState.STOPPING, "stop requested", world.lifecycle.clock()
+        )
+
+        async def broken(*args: Any) -> Any:
+            raise RuntimeError("unexpected")
+
+        world.driver.adopt = broken  # type: ignore[method-assign]
+        await world.lifecycle.recover()
+        after = world.lifecycle.get(vm.id)
+        assert after.state == S.STOPPED, after.state_reason
+        assert "re-adoption failed: unexpected" in after.state_reason
+        assert vmm_stand_in.wait(5) == -9, "the VMM it could not re-adopt is killed"
+    finally:
+        vmm_stand_in.kill()
+        vmm_stand_in.wait()

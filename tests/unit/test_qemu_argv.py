@@ -62,6 +62,7 @@ hostile_text = st.one_of(
 def base_launch(**changes: Any) -> QemuLaunch:
     launch = QemuLaunch(
         name="web-1",
+        instance="0123456789abcdef",
         accel="tcg",
         memory_mib=128,
         vcpus=1,
@@ -107,7 +108,7 @@ def expected(launch: QemuLaunch) -> list[tuple[str, Any]]:
     c = launch.confinement
     jail = c is not None and c.mode == "namespace"
     opts: list[tuple[str, Any]] = [
-        ("-name", f"guest=stoker-{launch.name}"),
+        ("-name", f"guest=stoker-{launch.name},process=stoker-{launch.instance}"),
         ("-M", "microvm"),
         ("-nodefaults", None),
         ("-no-user-config", None),
@@ -332,6 +333,7 @@ def sometimes_hostile_int(valid: st.SearchStrategy[int]) -> st.SearchStrategy[An
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=sometimes_hostile(st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)),
+    instance=sometimes_hostile(st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
     cmdline=st.one_of(hostile_text, st.text()),
     mac=sometimes_hostile(st.sampled_from([None, "52:54:00:12:34:56", "02:AB:cd:00:00:01"])),
     host_addr=sometimes_hostile(st.ip_addresses(v=4).map(str)),
@@ -343,6 +345,7 @@ def sometimes_hostile_int(valid: st.SearchStrategy[int]) -> st.SearchStrategy[An
 )
 def test_hostile_strings_never_add_an_option(
     name: str,
+    instance: str,
     cmdline: str,
     mac: str | None,
     host_addr: str,
@@ -356,6 +359,7 @@ def test_hostile_strings_never_add_an_option(
     conf = None if mode is None else Confinement(200001, 200001, Path("/run/j"), mode)  # type: ignore[arg-type]
     launch = base_launch(
         name=name,
+        instance=instance,
         cmdline=cmdline,
         memory_mib=memory,
         network=UserNetwork((forward,), mac),
@@ -377,6 +381,7 @@ def test_hostile_strings_never_add_an_option(
     assert rule.split(":") == [protocol, host_addr, f"{host_port}-", str(guest_port)]
     # strings that land in QEMU's key=value syntax are pattern-checked: no ',' or '='
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name)
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", instance)
     assert re.fullmatch(r"[0-9.]{7,15}", host_addr)
     assert mac is None or re.fullmatch(r"[0-9a-fA-F:]{17}", mac)
 

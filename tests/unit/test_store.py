@@ -96,3 +96,35 @@ def test_event_log_is_bounded_and_filterable(tmp_path):
 
 def test_iso_round_trip():
     assert from_iso(to_iso(NOW)) == NOW
+
+
+def test_a_write_inside_a_write_is_one_transaction(tmp_path):
+    """A state, its event and what goes with them commit together or not at all."""
+    db = Database(tmp_path / "s.db")
+    events = EventStore(db)
+    with pytest.raises(RuntimeError), db.write():
+        events.append(datetime.now(UTC), None, "x", "first", {})
+        with db.write():
+            events.append(datetime.now(UTC), None, "x", "second", {})
+        raise RuntimeError("the outer change fails after the inner one")
+    assert events.query(limit=10) == []
+    with db.write():
+        events.append(datetime.now(UTC), None, "x", "first", {})
+        with db.write():
+            events.append(datetime.now(UTC), None, "x", "second", {})
+    assert sorted(e.message for e in events.query(limit=10)) == ["first", "second"]
+
+
+def test_a_write_not_waited_onto_the_disk_leaves_every_other_durable(tmp_path):
+    db = Database(tmp_path / "s.db")
+
+    def synchronous() -> int:
+        return int(db.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert synchronous() == 2  # FULL
+    with db.write(durable=False):
+        assert synchronous() == 1  # NORMAL: committed into the log, not fsynced
+    assert synchronous() == 2
+    with pytest.raises(RuntimeError), db.write(durable=False):
+        raise RuntimeError("failed")
+    assert synchronous() == 2

@@ -60,7 +60,11 @@ def test_parse_duration(text: str, seconds: float) -> None:
         ("h", "w, d, h, m, s, ms"),
         ("-5m", "w, d, h, m, s, ms"),
         ("1m1h", "largest to smallest"),
-        ("1h1h", "largest to smallest"),
+        ("1h1h", "given twice"),
+        ("12h1d", "largest to smallest"),
+        ("5y", "months and years are not supported"),
+        ("99999999999999999999999d", "longer than a century"),
+        ("9" * 400, "longer than a century"),
         ("1H", "w, d, h, m, s, ms"),
     ],
 )

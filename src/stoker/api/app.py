@@ -8,8 +8,19 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from stoker import __version__
-from stoker.api import events, problems, quotas, resources, schedules, snapshots, vms
+from stoker import __version__, web
+from stoker.api import (
+    events,
+    manifests,
+    networks,
+    openapi,
+    problems,
+    quotas,
+    resources,
+    schedules,
+    snapshots,
+    vms,
+)
 from stoker.api.problems import PROBLEM
 from stoker.services.container import Services
 from stoker.wire import VersionOut
@@ -24,14 +35,21 @@ def create_app(services: Services, token: str | None = None) -> FastAPI:
     )
     app.state.services = services
     problems.install(app)
+    openapi.install(app)  # links from creates, the constraints the API enforces
     # fixed paths such as /api/v1/vms/metrics go before /api/v1/vms/{ref}
-    routers = (events, resources, quotas, snapshots, schedules, vms)
+    routers = (events, resources, quotas, snapshots, schedules, networks, manifests, vms)
     for router in (module.router for module in routers):
         app.include_router(router)
+    if getattr(services, "cluster", None) is not None:  # cluster mode only (imports gRPC)
+        from stoker.api import cluster
+
+        app.include_router(cluster.router)
 
     @app.get("/api/v1/version", tags=["agent"])
     async def version() -> VersionOut:
         return VersionOut(version=__version__)
+
+    web.mount(app, services, token)  # the console at /ui, under this listener's trust
 
     if token is not None:
 
@@ -40,7 +58,8 @@ def create_app(services: Services, token: str | None = None) -> FastAPI:
             request: Request, call_next: Callable[[Request], Awaitable[Response]]
         ) -> Response:
             given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            bearer_ok = secrets.compare_digest(given.encode(), f"Bearer {token}".encode())
+            if not bearer_ok and not web.admits(request):  # the console signs in itself
                 return JSONResponse(
                     {
                         "type": "about:blank",

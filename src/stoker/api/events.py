@@ -54,15 +54,15 @@ def _since(text: str | None) -> datetime | None:
         return None
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except OverflowError:
-        return datetime(1970, 1, 1, tzinfo=UTC)  # further back than anything logged
-    except ValueError:
-        pass
+    except ValueError as exc:  # also a duration over the century every duration is held to
+        not_a_duration = str(exc)
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidSpec(
-            "since", f"{text!r} is neither a time ('2026-11-21T06:30:00Z') nor a duration ('10m')"
+            "since",
+            f"{text!r} is neither a time ('2026-11-21T06:30:00Z') nor a duration ('10m'): "
+            f"{not_a_duration}",
         ) from None
     try:
         return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
@@ -83,7 +83,8 @@ async def list_events(
     svc: Svc,
     vm: VMRef = None,
     since: Annotated[
-        str | None, Query(description="ISO 8601 time, or a duration back from now: '10m'")
+        str | None,
+        Query(max_length=64, description="ISO 8601 time, or a duration back from now: '10m'"),
     ] = None,
     type: TypeFilter = None,
     after: After = None,

@@ -6,7 +6,9 @@ the truth about them.
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +45,13 @@ class Problem(BaseModel):
     alternative: str | None = None
 
 
+def problem_body(status: int, title: str, detail: str) -> bytes:
+    """A bare problem+json document, for answers given outside FastAPI (the body limit)."""
+    return json.dumps(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    ).encode()
+
+
 def _problem_response(
     status: int,
     title: str,
@@ -69,6 +78,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _content("Missing or wrong bearer token (TCP listener only)"),
     404: _content("No such resource"),
     409: _content("The request conflicts with the resource's current state"),
+    413: _content("The request body is larger than the agent accepts (api.max_body_bytes)"),
     422: _content("The request is well-formed but names invalid values"),
 }
 
@@ -129,6 +139,18 @@ def install(app: FastAPI) -> None:
         fields = [{"field": _field(tuple(e["loc"])), "message": _clean(e["msg"])} for e in errors]
         detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return _problem_response(422, "Invalid request", detail, errors=fields)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_error(_: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        if "full" in str(exc):  # SQLITE_FULL: the data dir's file system has no space left
+            return _problem_response(
+                507,
+                "Insufficient Storage",
+                "the agent's data disk is full, so it cannot record anything: free space "
+                f"on the file system of its data dir and retry ({exc})",
+            )
+        log.exception("database error while serving a request")
+        return _problem_response(500, "Internal error", f"the agent's database failed: {exc}")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

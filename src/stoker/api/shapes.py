@@ -18,13 +18,26 @@ from stoker.domain.states import allowed_actions
 from stoker.domain.vm import VM
 from stoker.services.directory import VMMLiveness
 from stoker.services.health import HealthReport
+from stoker.services.networks import NetworkingStatus, NetworkView
 from stoker.services.scheduler import Scheduler, zone
 from stoker.services.snapshots import Policy, PruneItem, PruneResult
+from stoker.services.warmstart import BootSnapshot
 
 # ----------------------------------------------------------------------------------- VMs
 
 
-def vm_out(vm: VM) -> wire.VMOut:
+def boot_snapshot_out(snapshot: BootSnapshot | None) -> wire.BootSnapshotOut | None:
+    if snapshot is None:
+        return None
+    return wire.BootSnapshotOut(
+        ready=True,
+        size_bytes=snapshot.size_bytes,
+        created_at=snapshot.created_at,
+        key=snapshot.key,
+    )
+
+
+def vm_out(vm: VM, boot_snapshot: BootSnapshot | None = None) -> wire.VMOut:
     process = None
     if vm.process:
         process = wire.ProcessOut(pid=vm.process.pid, accel=vm.process.accel)
@@ -35,7 +48,10 @@ def vm_out(vm: VM) -> wire.VMOut:
         state_reason=vm.state_reason,
         state_since=vm.state_since,
         created_at=vm.created_at,
-        allowed_actions=[a.value for a in allowed_actions(vm.state)],
+        # an unreadable record: only a deletion acts on it
+        allowed_actions=["delete"]
+        if vm.unreadable is not None
+        else [a.value for a in allowed_actions(vm.state)],
         process=process,
         restart=wire.RestartInfo(
             count=vm.restart_count,
@@ -49,6 +65,7 @@ def vm_out(vm: VM) -> wire.VMOut:
             )
             for t in vm.transitions
         ],
+        boot_snapshot=boot_snapshot_out(boot_snapshot),
     )
 
 
@@ -174,4 +191,49 @@ def schedule_out(row: ScheduleRecord, scheduler: Scheduler) -> wire.ScheduleOut:
         next_fire_local=nxt.astimezone(zone(row.tz)).isoformat() if nxt else None,
         running_run_id=running.id if running else None,
         last_run=run_out(last[0]) if last else None,
+    )
+
+
+# ------------------------------------------------------------------------------- networks
+
+
+def network_out(view: NetworkView) -> wire.NetworkOut:
+    net = view.record
+    return wire.NetworkOut(
+        id=net.id,
+        name=net.name,
+        subnet=net.subnet,
+        gateway=net.gateway,
+        isolation=net.isolation,
+        ipv6_subnet=net.ipv6_subnet,
+        bridge=net.bridge,
+        uplink=net.uplink,
+        managed_by=net.managed_by,
+        created_at=net.created_at,
+        pool_size=view.pool_size,
+        addresses_used=len(view.leases),
+        dnsmasq_pid=view.dnsmasq_pid,
+        dnsmasq_restarts=view.dnsmasq_restarts,
+        leases=[
+            wire.LeaseOut(
+                vm_id=item.lease.vm_id,
+                vm_name=item.vm_name,
+                vm_state=item.vm_state,
+                address=item.lease.address,
+                mac=item.lease.mac,
+                since=item.lease.created_at,
+            )
+            for item in view.leases
+        ],
+        warnings=list(view.warnings),
+    )
+
+
+def networking_out(status: NetworkingStatus) -> wire.NetworkingOut:
+    return wire.NetworkingOut(
+        available=status.available,
+        reason=status.reason,
+        default_network=status.default_network,
+        default_subnet=status.default_subnet,
+        default_modes=dict(status.default_modes),
     )

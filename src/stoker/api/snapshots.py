@@ -21,6 +21,7 @@ from stoker.wire import (
     PolicyOut,
     PruneOut,
     RestoreOut,
+    RestoreRequest,
     SnapshotOut,
 )
 
@@ -98,7 +99,11 @@ async def put_policy(ref: str, body: PolicyIn, svc: Svc) -> PolicyOut:
 
 @router.get("/api/v1/snapshots", response_model=list[SnapshotOut])
 async def list_snapshots(
-    svc: Svc, vm: Annotated[str | None, Query(description="only this VM (id or name)")] = None
+    svc: Svc,
+    vm: Annotated[
+        str | None,
+        Query(max_length=64, description="only this VM (id or name; a deleted VM's kept ones)"),
+    ] = None,
 ) -> list[SnapshotOut]:
     """Every snapshot on this host, oldest first."""
     return [snapshot_out(s) for s in svc.snapshots.all(vm)]
@@ -122,9 +127,14 @@ async def delete_snapshot(
 
 
 @router.post("/api/v1/snapshots/{snapshot_id}/restore", response_model=RestoreOut)
-async def restore_snapshot(snapshot_id: SnapshotId, svc: Svc) -> RestoreOut:
-    """Stop the VM if it runs, restore its disks and memory, and run it as it was."""
-    snap, vm = await svc.snapshots.restore(snapshot_id)
+async def restore_snapshot(
+    snapshot_id: SnapshotId, svc: Svc, body: RestoreRequest | None = None
+) -> RestoreOut:
+    """Stop the VM if it runs, restore its disks and memory, and run it as it was; with
+    ``as``, create a new VM of that name from the snapshot instead (a snapshot kept after
+    its VM was deleted can only be restored this way)."""
+    as_name = body.as_ if body is not None else None
+    snap, vm = await svc.snapshots.restore(snapshot_id, as_name=as_name)
     return RestoreOut(snapshot=snapshot_out(snap), vm=vm_out(vm))
 
 

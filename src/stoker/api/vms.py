@@ -10,6 +10,7 @@ from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
 from stoker.api.render import RenderedVMs
 from stoker.api.shapes import health_out, vm_out
+from stoker.domain.snapshots import SnapshotsOnDelete
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
 from stoker.services.container import Services
@@ -37,7 +38,8 @@ async def list_vms(
     svc: Svc,
     state: VMState | None = None,
     label: Annotated[
-        list[str] | None, Query(description="key=value; repeat to require several")
+        list[Annotated[str, Query(max_length=320)]] | None,
+        Query(max_length=16, description="key=value; repeat to require several"),
     ] = None,
 ) -> Response:
     selectors = []
@@ -58,7 +60,8 @@ async def list_vms(
 @router.get("/{ref}", response_model=VMOut)
 async def get_vm(ref: str, svc: Svc) -> VMOut:
     """A VM by id or name, with its state, why, since when, and recent transitions."""
-    return vm_out(svc.lifecycle.get(ref))
+    vm = svc.lifecycle.get(ref)
+    return vm_out(vm, boot_snapshot=svc.warm.info(vm.id))
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
@@ -66,8 +69,16 @@ async def delete_vm(
     ref: str,
     svc: Svc,
     force: Annotated[bool, Query(description="kill a running VM first")] = False,
+    snapshots: Annotated[
+        SnapshotsOnDelete | None,
+        Query(
+            description="what to do with the VM's snapshots: 'keep' them (listed, restorable "
+            "into a new VM with restore `as`) or 'delete' them; required when it has any "
+            "(409 otherwise). Protected snapshots are never deleted this way."
+        ),
+    ] = None,
 ) -> Response:
-    await svc.lifecycle.delete(ref, force=force)
+    await svc.lifecycle.delete(ref, force=force, snapshots=snapshots)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

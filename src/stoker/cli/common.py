@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -25,7 +27,22 @@ JSON_OPTION = typer.Option(False, "--json", help="Print the raw JSON answer.")
 
 def client(ctx: typer.Context) -> Client:
     obj = ctx.find_root().obj or {}
-    return Client(socket=obj.get("socket"), url=obj.get("url"), token=obj.get("token"))
+    token_file = obj.get("token_file")
+    token = read_token_file(token_file) if token_file else os.environ.get("STOKER_TOKEN")
+    return Client(socket=obj.get("socket"), url=obj.get("url"), token=token)
+
+
+def read_token_file(path: Path) -> str:
+    """The bearer token in ``path`` (one line); a clear error when it cannot be used."""
+    try:
+        token = path.read_bytes().decode().strip()
+    except OSError as exc:
+        raise fail(f"--token-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise fail(f"--token-file {path} is not UTF-8 text") from None
+    if not token:
+        raise fail(f"--token-file {path} is empty")
+    return token
 
 
 def handle_errors(fn: F) -> F:

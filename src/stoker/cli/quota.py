@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from stoker.cli.common import JSON_OPTION, client, err, handle_errors, out, print_json
+from stoker.cli.complete import VM_ARGUMENT
+from stoker.cli.tables import WIDE_OPTION, Column, print_listing
 from stoker.domain.units import GiB, MiB
 from stoker.wire import QuotaOut
 
@@ -17,8 +19,6 @@ app = typer.Typer(
 )
 
 MB = 1_000_000
-
-VM_ARGUMENT = typer.Argument(..., help="VM name or id.")
 
 LABELS = {
     "cpu_percent": "CPU",
@@ -189,7 +189,7 @@ def get_quota(
 
 @app.command("list")
 @handle_errors
-def list_quotas(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def list_quotas(ctx: typer.Context, wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every VM's effective quota.
 
     Example: stoker quota list
@@ -198,23 +198,38 @@ def list_quotas(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(views)
         return
-    table = Table()
-    table.add_column("vm")
-    table.add_column("state")
-    for label in LABELS.values():
-        table.add_column(label)
-    table.add_column("violations")
+    rows = []
     for view in views:
         cells = []
         for name in LABELS:
             entry = view.limits[name]
-            text = _limit_text(name, entry.value)
+            text = _limit_text(name, entry.value) if wide else _short_limit(name, entry.value)
             if entry.status in ("failed", "not enforceable"):
                 text = f"[red]{text} ({entry.status})[/]"
             cells.append(text)
         total = sum(v.episodes for v in view.violations.values())
-        table.add_row(view.vm, view.state, *cells, str(total))
-    out.print(table)
+        rows.append([view.vm, view.state, *cells, str(total)])
+    print_listing(LIST_COLUMNS, rows, wide, empty="no VMs")
+
+
+#: the limits a narrow terminal shows; the rest with --wide
+NARROW_LIMITS = ("cpu_percent", "memory_mib", "disk_gib", "network_mbps")
+
+LIST_COLUMNS = (
+    Column("VM", key=True),
+    Column("STATE"),
+    *(Column(label.upper(), wide=name not in NARROW_LIMITS) for name, label in LABELS.items()),
+    Column("VIOLATIONS", justify="right"),
+)
+
+
+def _short_limit(name: str, value: Number | None) -> str:
+    """A limit in a narrow column: the number and unit alone."""
+    if value is None:
+        return "-"
+    if name == "cpu_percent":
+        return f"{value}%"
+    return _limit_text(name, value)
 
 
 @app.command("remove")

@@ -9,9 +9,11 @@ from typing import Any, TypeVar
 
 import typer
 from pydantic import BaseModel
-from rich.table import Table
 
 from stoker.cli.common import JSON_OPTION, client, fail, handle_errors, out, print_json
+from stoker.cli.complete import SCHEDULE_ARGUMENT
+from stoker.cli.progress import run as with_progress
+from stoker.cli.tables import WIDE_OPTION, Column, print_listing
 from stoker.wire import ReportOut, ReportSummary, RunOut, ScheduleOut
 
 schedule_app = typer.Typer(
@@ -32,13 +34,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(report_app, name="report")
 
 
-def _local(when: datetime | str | None) -> str:
+def _local(when: datetime | str | None, seconds: bool = True) -> str:
     """An API time (UTC; a report summary gives it as text) in this machine's local time."""
     if not when:
         return "-"
     if isinstance(when, str):
         when = datetime.fromisoformat(when.replace("Z", "+00:00"))
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M")
 
 
 def _selector(items: list[str]) -> dict[str, str] | None:
@@ -59,19 +61,15 @@ Row = TypeVar("Row", bound=BaseModel)
 def _print_rows(
     rows: list[Row],
     as_json: bool,
-    columns: tuple[str, ...],
+    columns: tuple[Column, ...],
     cells: Callable[[Row], tuple[str, ...]],
+    wide: bool = False,
 ) -> None:
     """The raw JSON with --json, else a table with one line per row."""
     if as_json:
         print_json(rows)
         return
-    table = Table(box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*cells(row))
-    out.print(table)
+    print_listing(columns, [cells(row) for row in rows], wide)
 
 
 def _print_report(result: ReportOut, as_json: bool) -> None:
@@ -161,22 +159,35 @@ def add(
 
 @schedule_app.command("list")
 @handle_errors
-def list_(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def list_(ctx: typer.Context, wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
     """List schedules with their next run in local time.
 
     Example: stoker schedule list
     """
     with client(ctx) as api:
         rows = api.list_schedules()
-    columns = ("ID", "NAME", "TARGET", "ACTION", "CRON", "TZ", "NEXT RUN", "LAST RUN")
-    _print_rows(rows, as_json, columns, _schedule_cells)
+    _print_rows(rows, as_json, SCHEDULE_COLUMNS, _schedule_cells, wide)
+
+
+#: the next run is what a schedule is read for: never cut, like the ids and names
+SCHEDULE_COLUMNS = (
+    Column("ID", key=True),
+    Column("NAME", key=True),
+    Column("TARGET", key=True),
+    Column("ACTION"),
+    Column("CRON"),
+    Column("TZ", wide=True),
+    Column("NEXT RUN", key=True),
+    Column("LAST RUN"),
+    Column("LAST RUN AT", wide=True),
+)
 
 
 def _schedule_cells(row: ScheduleOut) -> tuple[str, ...]:
     last = row.last_run
-    last_text = f"{last.status} {_local(last.started_at)}" if last else "-"
+    last_status = last.status if last else "-"
     if row.running_run_id:
-        last_text = f"running (run {row.running_run_id})"
+        last_status = f"running (run {row.running_run_id})"
     return (
         row.id,
         row.name or "-",
@@ -184,14 +195,15 @@ def _schedule_cells(row: ScheduleOut) -> tuple[str, ...]:
         row.action,
         row.cron,
         row.tz,
-        _local(row.next_fire_at) if row.enabled else "[dim]disabled[/dim]",
-        last_text,
+        _local(row.next_fire_at, seconds=False) if row.enabled else "[dim]disabled[/dim]",
+        last_status,
+        _local(last.started_at) if last else "-",
     )
 
 
 @schedule_app.command("remove")
 @handle_errors
-def remove(ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id or name.")) -> None:
+def remove(ctx: typer.Context, ref: str = SCHEDULE_ARGUMENT) -> None:
     """Delete a schedule and its run history.
 
     Example: stoker schedule remove 3f2a9c1b7d4e
@@ -203,7 +215,7 @@ def remove(ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id 
 
 @schedule_app.command("enable")
 @handle_errors
-def enable(ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id or name.")) -> None:
+def enable(ctx: typer.Context, ref: str = SCHEDULE_ARGUMENT) -> None:
     """Enable a schedule (fires while it was disabled are not made up).
 
     Example: stoker schedule enable 3f2a9c1b7d4e
@@ -215,9 +227,7 @@ def enable(ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id 
 
 @schedule_app.command("disable")
 @handle_errors
-def disable(
-    ctx: typer.Context, ref: str = typer.Argument(..., help="Schedule id or name.")
-) -> None:
+def disable(ctx: typer.Context, ref: str = SCHEDULE_ARGUMENT) -> None:
     """Disable a schedule without deleting it.
 
     Example: stoker schedule disable 3f2a9c1b7d4e
@@ -241,7 +251,7 @@ def _print_run(run: RunOut) -> None:
 @handle_errors
 def run(
     ctx: typer.Context,
-    ref: str = typer.Argument(..., help="Schedule id or name."),
+    ref: str = SCHEDULE_ARGUMENT,
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once the run has started."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -250,7 +260,11 @@ def run(
     Example: stoker schedule run 3f2a9c1b7d4e
     """
     with client(ctx) as api:
-        result = api.run_schedule(ref, wait=not no_wait)
+        result = with_progress(
+            f"running schedule {ref}",
+            as_json or no_wait,
+            lambda: api.run_schedule(ref, wait=not no_wait),
+        )
     if as_json:
         print_json(result)
         return
@@ -263,8 +277,9 @@ def run(
 @handle_errors
 def history(
     ctx: typer.Context,
-    ref: str = typer.Argument(..., help="Schedule id or name."),
+    ref: str = SCHEDULE_ARGUMENT,
     limit: int = typer.Option(20, "--limit", "-n", min=1, max=1000),
+    wide: bool = WIDE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Past runs of a schedule, newest first: ran, failed, missed or skipped.
@@ -273,8 +288,15 @@ def history(
     """
     with client(ctx) as api:
         runs = api.schedule_runs(ref, limit)
-    columns = ("RUN", "TRIGGER", "FIRE TIME", "STARTED", "STATUS", "MESSAGE")
-    _print_rows(runs, as_json, columns, _run_cells)
+    columns = (
+        Column("RUN", key=True),
+        Column("TRIGGER"),
+        Column("FIRE TIME"),
+        Column("STARTED", wide=True),
+        Column("STATUS"),
+        Column("MESSAGE"),
+    )
+    _print_rows(runs, as_json, columns, _run_cells, wide)
 
 
 def _run_cells(run: RunOut) -> tuple[str, ...]:
@@ -336,14 +358,15 @@ def monthly(
 
 @report_app.command("list")
 @handle_errors
-def list_reports(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def list_reports(ctx: typer.Context, wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Reports written so far, newest first.
 
     Example: stoker report list
     """
     with client(ctx) as api:
         rows = api.list_reports()
-    _print_rows(rows, as_json, ("REPORT", "GENERATED", "FILE"), _report_cells)
+    columns = (Column("REPORT", key=True), Column("GENERATED"), Column("FILE"))
+    _print_rows(rows, as_json, columns, _report_cells, wide)
 
 
 def _report_cells(row: ReportSummary) -> tuple[str, ...]:

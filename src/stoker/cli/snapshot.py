@@ -6,14 +6,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stoker.cli import progress
 from stoker.cli.common import (
     JSON_OPTION,
     ago,
     client,
-    err,
     fail,
     handle_errors,
     iso,
@@ -21,6 +20,8 @@ from stoker.cli.common import (
     print_json,
     show_answer,
 )
+from stoker.cli.complete import SNAPSHOT_ARGUMENT, VM_ARGUMENT, vm_names
+from stoker.cli.tables import WIDE_OPTION, Column, print_listing
 from stoker.domain.units import format_size
 from stoker.wire import AutoSnapshotOut, PolicyOut, PruneOut, SnapshotOut, VMOut
 
@@ -38,19 +39,8 @@ def register(root: typer.Typer) -> None:
 
 
 def _run(what: str, quiet: bool, call: Callable[[], T]) -> T:
-    """``call()`` under a spinner with the elapsed time on stderr (stdout stays clean for
-    --json): snapshot calls answer only when the work is done, which can take a while."""
-    if quiet:
-        return call()
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        progress.add_task(what, total=None)
-        return call()
+    """``call()`` under a spinner: snapshot calls answer only when the work is done."""
+    return progress.run(what, quiet, call)
 
 
 def _size(n: int | None) -> str:
@@ -68,28 +58,39 @@ def _verified(s: SnapshotOut) -> str:
     return f"{_verdict(v.ok)}{' deep' if v.deep else ''} {ago(v.at)}"
 
 
-def _table(snaps: list[SnapshotOut], with_vm: bool) -> Table:
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", *(("VM",) if with_vm else ()), "CREATED", "KIND", "CONTENT", "SIZE"):
-        table.add_column(col)
-    table.add_column("PROTECTED")
-    table.add_column("VERIFIED")
-    for s in snaps:
-        row = [s.id, *((s.vm_name,) if with_vm else ())]
-        row += [
-            f"{iso(s.created_at)[:19].replace('T', ' ')}Z ({ago(s.created_at)})",
-            s.kind,
-            "memory+disks" if s.with_memory else "disks",
-            _size(s.size_bytes),
-            "yes" if s.protected else "",
-            _verified(s),
-        ]
-        table.add_row(*row)
-    return table
+def _columns(with_vm: bool) -> list[Column]:
+    return [
+        Column("ID", key=True),
+        *([Column("VM", key=True)] if with_vm else []),
+        Column("CREATED"),
+        Column("AT (UTC)", wide=True),
+        Column("KIND"),
+        Column("CONTENT", wide=True),
+        Column("SIZE", justify="right"),
+        Column("PROTECTED", wide=True),
+        Column("VERIFIED"),
+        Column("TAGS", wide=True),
+    ]
 
 
-def _print_list(snaps: list[SnapshotOut], with_vm: bool) -> None:
-    out.print(_table(snaps, with_vm) if snaps else "no snapshots")
+def _cells(s: SnapshotOut, with_vm: bool) -> list[str]:
+    return [
+        s.id,
+        *([s.vm_name] if with_vm else []),
+        ago(s.created_at),
+        f"{iso(s.created_at)[:19].replace('T', ' ')}Z",
+        s.kind,
+        "memory+disks" if s.with_memory else "disks",
+        _size(s.size_bytes),
+        "yes" if s.protected else "",
+        _verified(s),
+        ", ".join(s.tags),
+    ]
+
+
+def _print_list(snaps: list[SnapshotOut], with_vm: bool, wide: bool = False) -> None:
+    rows = [_cells(s, with_vm) for s in snaps]
+    print_listing(_columns(with_vm), rows, wide, empty="no snapshots")
 
 
 def _print_created(snap: SnapshotOut, show_pause: bool = True) -> None:
@@ -177,7 +178,7 @@ def _print_auto(result: AutoSnapshotOut) -> None:
 @handle_errors
 def create(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     tag: list[str] = typer.Option([], "--tag", help="A tag; repeatable."),
     protect: bool = typer.Option(False, "--protect", help="Never remove it by pruning."),
     pre_update: bool = typer.Option(
@@ -203,7 +204,10 @@ def create(
 @handle_errors
 def list_(
     ctx: typer.Context,
-    vm: str | None = typer.Argument(None, help="Only this VM."),
+    vm: str | None = typer.Argument(
+        None, help="Only this VM (name, id or id prefix).", autocompletion=vm_names
+    ),
+    wide: bool = WIDE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List snapshots, oldest first.
@@ -212,14 +216,14 @@ def list_(
     """
     with client(ctx) as api:
         snaps = api.list_snapshots(vm)
-    show_answer(snaps, as_json, lambda found: _print_list(found, with_vm=vm is None))
+    show_answer(snaps, as_json, lambda found: _print_list(found, with_vm=vm is None, wide=wide))
 
 
 @app.command("show")
 @handle_errors
 def show(
     ctx: typer.Context,
-    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    snapshot_id: str = SNAPSHOT_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one snapshot: content, files with checksums, last verification.
@@ -235,33 +239,46 @@ def show(
 @handle_errors
 def restore(
     ctx: typer.Context,
-    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    snapshot_id: str = SNAPSHOT_ARGUMENT,
+    as_name: str | None = typer.Option(
+        None,
+        "--as",
+        help="Create a new VM of this name from the snapshot instead (the snapshot's VM, "
+        "if it still exists, is not touched); the only way for a snapshot kept after its "
+        "VM was deleted.",
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Put a VM back to a snapshot: stops it, restores disks and memory, runs it again.
 
     Example: stoker snapshot restore 20261121-063000-a1b2c3 --yes
+    Example: stoker snapshot restore 20261121-063000-a1b2c3 --as web-restored
     """
     with client(ctx) as api:
         snap = api.get_snapshot(snapshot_id)
-        if not yes and not typer.confirm(
-            f"restore {snap.vm_name} to {snap.id}? Its current disks and memory are lost"
+        if (
+            as_name is None
+            and not yes
+            and not typer.confirm(
+                f"restore {snap.vm_name} to {snap.id}? Its current disks and memory are lost"
+            )
         ):
             raise typer.Exit(1)
+        target = as_name or snap.vm_name
         result = _run(
-            f"restoring {snap.vm_name} from {snapshot_id}",
+            f"restoring {target} from {snap.id}",
             as_json,
-            lambda: api.restore_snapshot(snapshot_id),
+            lambda: api.restore_snapshot(snap.id, as_name=as_name),
         )
-    show_answer(result, as_json, lambda r: _print_restored(r.vm, snapshot_id))
+    show_answer(result, as_json, lambda r: _print_restored(r.vm, snap.id))
 
 
 @app.command("verify")
 @handle_errors
 def verify(
     ctx: typer.Context,
-    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    snapshot_id: str = SNAPSHOT_ARGUMENT,
     deep: bool = typer.Option(
         False, "--deep", help="Also run it in a throwaway VM until ready (never the original)."
     ),
@@ -283,7 +300,7 @@ def verify(
     if as_json:
         print_json(snap)
     else:
-        out.print(f"{snapshot_id}: {_verdict(v.ok)} in {v.duration_s:.2f} s: {v.detail}")
+        out.print(f"{snap.id}: {_verdict(v.ok)} in {v.duration_s:.2f} s: {v.detail}")
     if not v.ok:
         raise typer.Exit(1)
 
@@ -292,7 +309,7 @@ def verify(
 @handle_errors
 def delete(
     ctx: typer.Context,
-    snapshot_id: str = typer.Argument(..., help="Snapshot id."),
+    snapshot_id: str = SNAPSHOT_ARGUMENT,
     force: bool = typer.Option(False, "--force", help="Delete even if protected."),
 ) -> None:
     """Delete a snapshot and free its space.
@@ -300,6 +317,7 @@ def delete(
     Example: stoker snapshot delete 20261121-063000-a1b2c3
     """
     with client(ctx) as api:
+        snapshot_id = api.get_snapshot(snapshot_id).id  # a prefix: say which one went
         api.delete_snapshot(snapshot_id, force=force)
     out.print(f"snapshot {snapshot_id} deleted", highlight=False)
 
@@ -308,7 +326,7 @@ def delete(
 @handle_errors
 def prune(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan, remove nothing."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -323,37 +341,33 @@ def prune(
 
 @app.command("protect")
 @handle_errors
-def protect(
-    ctx: typer.Context, snapshot_id: str = typer.Argument(..., help="Snapshot id.")
-) -> None:
+def protect(ctx: typer.Context, snapshot_id: str = SNAPSHOT_ARGUMENT) -> None:
     """Protect a snapshot: pruning never removes it.
 
     Example: stoker snapshot protect 20261121-063000-a1b2c3
     """
     with client(ctx) as api:
-        api.protect_snapshot(snapshot_id)
-    out.print(f"snapshot {snapshot_id} protected", highlight=False)
+        snap = api.protect_snapshot(snapshot_id)
+    out.print(f"snapshot {snap.id} protected", highlight=False)
 
 
 @app.command("unprotect")
 @handle_errors
-def unprotect(
-    ctx: typer.Context, snapshot_id: str = typer.Argument(..., help="Snapshot id.")
-) -> None:
+def unprotect(ctx: typer.Context, snapshot_id: str = SNAPSHOT_ARGUMENT) -> None:
     """Release a protected or pre-update snapshot to the retention policy.
 
     Example: stoker snapshot unprotect 20261121-063000-a1b2c3
     """
     with client(ctx) as api:
-        api.unprotect_snapshot(snapshot_id)
-    out.print(f"snapshot {snapshot_id} released to the retention policy", highlight=False)
+        snap = api.unprotect_snapshot(snapshot_id)
+    out.print(f"snapshot {snap.id} released to the retention policy", highlight=False)
 
 
 @app.command("set-policy")
 @handle_errors
 def set_policy(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     retention: str = typer.Argument(
         ...,
         help="Rules like 'daily:7,weekly:4' (last/hourly/daily/weekly/monthly/yearly:N, "
@@ -377,7 +391,7 @@ def set_policy(
 @handle_errors
 def policy(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show a VM's snapshot policy.
@@ -393,7 +407,7 @@ def policy(
 @handle_errors
 def auto_snapshot(
     ctx: typer.Context,
-    vm: str = typer.Argument(..., help="VM name or id."),
+    vm: str = VM_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Take an automatic snapshot now, then prune by the VM's policy.

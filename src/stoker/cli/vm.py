@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich import box
 from rich.table import Table
 
 from stoker.cli.common import (
@@ -23,44 +20,15 @@ from stoker.cli.common import (
     print_json,
     styled_state,
 )
+from stoker.cli.complete import VM_ARGUMENT
+from stoker.cli.progress import run as with_progress
+from stoker.cli.specs import add_test_guest, parse_drive, parse_forward, spec_from_file
+from stoker.cli.tables import WIDE_OPTION, Column, print_listing
+from stoker.client import Client, StokerError
+from stoker.domain.units import format_size
 from stoker.wire import VMOut
 
 app = typer.Typer(help="Create, list and drive VMs.", no_args_is_help=True)
-
-
-def _spec_from_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise fail(f"cannot read {path}: {exc}") from None
-    try:
-        if path.suffix == ".json":
-            return dict(json.loads(text))
-        return tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise fail(
-            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
-        ) from None
-
-
-def _parse_forward(text: str) -> dict[str, Any]:
-    host, sep, guest = text.partition(":")
-    if not sep or not host.isdigit() or not guest.isdigit():
-        raise fail(f"--forward {text!r}: expected HOST_PORT:GUEST_PORT, for example 8080:80")
-    return {"host_port": int(host), "guest_port": int(guest)}
-
-
-def _parse_drive(text: str) -> dict[str, Any]:
-    path, *opts = text.split(",")
-    drive: dict[str, Any] = {"path": str(Path(path).absolute())}
-    for opt in opts:
-        if opt in ("raw", "qcow2"):
-            drive["format"] = opt
-        elif opt in ("ro", "readonly"):
-            drive["read_only"] = True
-        else:
-            raise fail(f"--drive {text!r}: unknown option {opt!r} (use raw, qcow2 or ro)")
-    return drive
 
 
 @app.command("create")
@@ -78,8 +46,15 @@ def create(
     vcpus: int | None = typer.Option(None, help="Number of vCPUs."),
     memory: int | None = typer.Option(None, "--memory", help="Guest memory in MiB."),
     drive: list[str] = typer.Option([], help="Disk image: PATH[,raw|qcow2][,ro]; repeatable."),
-    forward: list[str] = typer.Option([], help="User-mode port forward HOST:GUEST; repeatable."),
-    net: str | None = typer.Option(None, help="Network mode: none, user or tap."),
+    forward: list[str] = typer.Option(
+        [], help="Port forward HOST:GUEST (user-mode or managed network); repeatable."
+    ),
+    net: str | None = typer.Option(
+        None, help="Network mode: managed, user, none or tap (default: the agent's default)."
+    ),
+    network_name: str | None = typer.Option(
+        None, "--network", help="Managed network to join (default: 'default')."
+    ),
     tap: str | None = typer.Option(None, help="TAP device for --net tap."),
     hypervisor: str | None = typer.Option(None, help="qemu or firecracker."),
     accel: str | None = typer.Option(None, help="auto, kvm or tcg."),
@@ -88,6 +63,11 @@ def create(
     boot_timeout: float | None = typer.Option(None, help="Seconds to become ready."),
     stop_timeout: float | None = typer.Option(None, help="Seconds for a graceful stop."),
     restart_policy: str | None = typer.Option(None, help="never, on-failure or always."),
+    warm_start: bool | None = typer.Option(
+        None,
+        "--warm-start/--no-warm-start",
+        help="Resume a boot snapshot on every start after the first (default: the agent's).",
+    ),
     start: bool = typer.Option(False, "--start", help="Start it right away and wait until ready."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -95,18 +75,10 @@ def create(
 
     Example: stoker vm create web --guest --forward 8080:80 --memory 128 --start
     """
-    spec: dict[str, Any] = _spec_from_file(file) if file else {}
+    spec: dict[str, Any] = spec_from_file(file) if file else {}
     spec["name"] = name
     if guest:
-        from stoker.guest.build import find_guest
-
-        image = find_guest()
-        if image is None:
-            raise fail("the test guest is not built: run `stoker guest build` first")
-        spec.setdefault("kernel", str(image.kernel))
-        spec.setdefault("initrd", str(image.initrd))
-        spec.setdefault("cmdline", image.cmdline)
-        spec.setdefault("ready_marker", image.ready_marker)
+        add_test_guest(spec)
     flags = {
         "kernel": str(kernel.absolute()) if kernel else None,
         "initrd": str(initrd.absolute()) if initrd else None,
@@ -118,19 +90,24 @@ def create(
         "ready_marker": ready_marker,
         "boot_timeout_s": boot_timeout,
         "stop_timeout_s": stop_timeout,
+        "warm_start": warm_start,
     }
     spec.update({k: v for k, v in flags.items() if v is not None})
     if drive:
-        spec["drives"] = [_parse_drive(d) for d in drive]
-    if forward or net or tap:
+        spec["drives"] = [parse_drive(d) for d in drive]
+    if forward or net or tap or network_name:
         network = dict(spec.get("network", {}))
         if forward:
-            network["port_forwards"] = [_parse_forward(f) for f in forward]
-            network.setdefault("mode", "user")
+            network["port_forwards"] = [parse_forward(f) for f in forward]
         if net:
             network["mode"] = net
         if tap:
             network["tap"] = tap
+        if network_name:
+            network["name"] = network_name
+            network.setdefault("mode", "managed")
+        if network.get("port_forwards") and "mode" not in network:
+            network["mode"] = _default_mode(ctx, spec.get("hypervisor", "qemu"))
         spec["network"] = network
     if label:
         labels = dict(spec.get("labels", {}))
@@ -146,10 +123,50 @@ def create(
         vm = api.create_vm(spec)
         if start:
             vm = api.start_vm(vm.id, wait=True, timeout_s=spec.get("boot_timeout_s", 300) + 5)
+        address = None if as_json else _address(api, vm)
     if as_json:
         print_json(vm)
     else:
         out.print(f"{vm.name} ({vm.id}) {styled_state(vm.state)}: {vm.state_reason}")
+        out.print(f"network    {_network_text(vm, address)}", highlight=False)
+
+
+def _default_mode(ctx: typer.Context, hypervisor: str) -> str:
+    """The network mode the agent gives a VM that names none (forwards need one)."""
+    with client(ctx) as api:
+        status = api.networking()
+    mode = status.default_modes.get(hypervisor, "none")
+    if mode == "none":
+        raise fail(
+            f"--forward needs a network, and {hypervisor} VMs get none on this agent "
+            f"({status.reason}): use --net tap with --tap"
+        )
+    return mode
+
+
+def _address(api: Client, vm: VMOut) -> str | None:
+    """The VM's address on its managed network (it holds one from its creation)."""
+    network = vm.spec.network
+    if network.mode != "managed" or network.name is None:
+        return None
+    try:
+        net = api.get_network(network.name)
+    except StokerError:
+        return None
+    return next((lease.address for lease in net.leases if lease.vm_id == vm.id), None)
+
+
+def _network_text(vm: VMOut, address: str | None) -> str:
+    network = vm.spec.network
+    forwards = ", ".join(
+        f"{f.host_addr}:{f.host_port}->{f.guest_port}/{f.protocol}" for f in network.port_forwards
+    )
+    text = str(network.mode)
+    if network.mode == "managed":
+        text += f" {network.name!r}, address {address or 'not assigned yet'}"
+    elif network.mode == "tap":
+        text += f" {network.tap}"
+    return text + (f"; forwards {forwards}" if forwards else "")
 
 
 @app.command("list")
@@ -158,6 +175,7 @@ def list_(
     ctx: typer.Context,
     state: str | None = typer.Option(None, help="Only VMs in this state."),
     label: list[str] = typer.Option([], help="Only VMs with label key=value; repeatable."),
+    wide: bool = WIDE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List VMs.
@@ -169,36 +187,50 @@ def list_(
     if as_json:
         print_json(vms)
         return
-    table = Table(box=box.SIMPLE_HEAD)
-    for column in ("NAME", "STATE", "SINCE"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("REASON", overflow="fold", ratio=1)
-    for column in ("CPU", "MEM", "PID", "RESTARTS", "ID"):
-        table.add_column(column, no_wrap=True, justify="right" if column != "ID" else "left")
-    for vm in vms:
-        table.add_row(
+    rows = [
+        [
             vm.name,
+            vm.id,
             styled_state(vm.state),
             ago(vm.state_since),
-            vm.state_reason,
             str(vm.spec.vcpus),
             f"{vm.spec.memory_mib}M",
-            str(vm.process.pid) if vm.process else "-",
             str(vm.restart.count),
-            vm.id[:8],
-        )
-    out.print(table)
+            str(vm.process.pid) if vm.process else "-",
+            vm.spec.hypervisor,
+            ",".join(f"{k}={v}" for k, v in vm.spec.labels.items()),
+            vm.state_reason,
+        ]
+        for vm in vms
+    ]
+    print_listing(LIST_COLUMNS, rows, wide, empty="no VMs")
+
+
+LIST_COLUMNS = (
+    Column("NAME", key=True),
+    Column("ID", key=True),
+    Column("STATE"),
+    Column("SINCE"),
+    Column("VCPU", justify="right"),
+    Column("MEM", justify="right"),
+    Column("RESTARTS", justify="right"),
+    Column("PID", justify="right", wide=True),
+    Column("HYPERVISOR", wide=True),
+    Column("LABELS", wide=True),
+    Column("REASON", wide=True),
+)
 
 
 @app.command("show")
 @handle_errors
-def show(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
+def show(ctx: typer.Context, name: str = VM_ARGUMENT, as_json: bool = JSON_OPTION) -> None:
     """Show a VM: state, reason, since when, recent transitions.
 
     Example: stoker vm show web
     """
     with client(ctx) as api:
         vm = api.get_vm(name)
+        address = None if as_json else _address(api, vm)
     if as_json:
         print_json(vm)
         return
@@ -212,6 +244,7 @@ def show(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
     if vm.process:
         out.print(f"process    pid {vm.process.pid} accel {vm.process.accel}")
     out.print(f"resources  {spec.vcpus} vCPU, {spec.memory_mib} MiB, hypervisor {spec.hypervisor}")
+    out.print(f"network    {_network_text(vm, address)}", highlight=False)
     restart = vm.restart
     out.print(
         f"restarts   {restart.count} (last {_time_or_dash(restart.last_restart_at)}, "
@@ -219,10 +252,23 @@ def show(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
     )
     if spec.labels:
         out.print("labels     " + ", ".join(f"{k}={v}" for k, v in spec.labels.items()))
+    out.print(f"warm start {_warm_text(vm)}", highlight=False)
     table = Table("AT", "FROM", "TO", "REASON", title="recent transitions")
     for t in vm.transitions:
         table.add_row(iso(t.at), t.from_state or "-", styled_state(t.to_state), t.reason)
     out.print(table)
+
+
+def _warm_text(vm: VMOut) -> str:
+    """Whether the VM starts from a boot snapshot, and whether one is ready."""
+    if vm.spec.warm_start is False:
+        return "off"
+    snap = vm.boot_snapshot
+    wanted = "on" if vm.spec.warm_start else "agent default"
+    if snap is None:
+        return f"{wanted}; no boot snapshot yet (taken at the next ready point after a cold boot)"
+    size, taken = format_size(snap.size_bytes), iso(snap.created_at)
+    return f"{wanted}; boot snapshot ready ({size}, taken {taken})"
 
 
 def _time_or_dash(when: datetime | None) -> str:
@@ -233,7 +279,7 @@ def _time_or_dash(when: datetime | None) -> str:
 @handle_errors
 def start(
     ctx: typer.Context,
-    name: str,
+    name: str = VM_ARGUMENT,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ready (or error)."),
     timeout: float = typer.Option(300, help="Seconds to wait at most."),
     as_json: bool = JSON_OPTION,
@@ -243,7 +289,11 @@ def start(
     Example: stoker vm start web
     """
     with client(ctx) as api:
-        vm = api.start_vm(name, wait=wait, timeout_s=timeout)
+        vm = with_progress(
+            f"starting {name}",
+            as_json or not wait,
+            lambda: api.start_vm(name, wait=wait, timeout_s=timeout),
+        )
     _report(vm, as_json, expect="running" if wait else None)
 
 
@@ -251,7 +301,7 @@ def start(
 @handle_errors
 def stop(
     ctx: typer.Context,
-    name: str,
+    name: str = VM_ARGUMENT,
     force: bool = typer.Option(False, "--force", help="Kill at once instead of ACPI power-down."),
     timeout: float | None = typer.Option(
         None, help="Seconds to wait for a graceful stop before forcing."
@@ -263,7 +313,11 @@ def stop(
     Example: stoker vm stop web --timeout 10
     """
     with client(ctx) as api:
-        vm = api.stop_vm(name, graceful=not force, timeout_s=timeout)
+        vm = with_progress(
+            f"stopping {name}",
+            as_json,
+            lambda: api.stop_vm(name, graceful=not force, timeout_s=timeout),
+        )
     _report(vm, as_json)
 
 
@@ -271,7 +325,7 @@ def stop(
 @handle_errors
 def restart(
     ctx: typer.Context,
-    name: str,
+    name: str = VM_ARGUMENT,
     force: bool = typer.Option(False, "--force", help="Kill instead of a graceful stop."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ready again."),
     as_json: bool = JSON_OPTION,
@@ -281,7 +335,11 @@ def restart(
     Example: stoker vm restart web
     """
     with client(ctx) as api:
-        vm = api.restart_vm(name, graceful=not force, wait=wait)
+        vm = with_progress(
+            f"restarting {name}",
+            as_json or not wait,
+            lambda: api.restart_vm(name, graceful=not force, wait=wait),
+        )
     _report(vm, as_json, expect="running" if wait else None)
 
 
@@ -289,23 +347,33 @@ def restart(
 @handle_errors
 def delete(
     ctx: typer.Context,
-    name: str,
+    name: str = VM_ARGUMENT,
     force: bool = typer.Option(False, "--force", help="Kill a running VM first."),
+    snapshots: str | None = typer.Option(
+        None,
+        "--snapshots",
+        help="keep or delete: what to do with the VM's snapshots (required when it has "
+        "any). Kept ones stay listed and restore into a new VM with "
+        "`stoker snapshot restore ID --as NAME`; protected ones are never deleted this way.",
+    ),
 ) -> None:
     """Delete a VM and its files.
 
-    Example: stoker vm delete web --force
+    Example: stoker vm delete web --force --snapshots keep
     """
+    if snapshots is not None and snapshots not in ("keep", "delete"):
+        raise fail(f"--snapshots {snapshots!r}: use keep or delete")
     with client(ctx) as api:
-        api.delete_vm(name, force=force)
-    out.print(f"deleted {name}")
+        vm = api.get_vm(name)  # a prefix: delete, and name, the one it stands for
+        api.delete_vm(vm.id, force=force, snapshots=snapshots)
+    out.print(f"deleted {vm.name} ({vm.id})", highlight=False)
 
 
 @app.command("console")
 @handle_errors
 def console(
     ctx: typer.Context,
-    name: str,
+    name: str = VM_ARGUMENT,
     size: int = typer.Option(16384, "--bytes", help="How much of the end of the console log."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -323,7 +391,7 @@ def console(
 
 @app.command("health")
 @handle_errors
-def health(ctx: typer.Context, name: str, as_json: bool = JSON_OPTION) -> None:
+def health(ctx: typer.Context, name: str = VM_ARGUMENT, as_json: bool = JSON_OPTION) -> None:
     """Show a VM's health: VMM liveness and probe results.
 
     Example: stoker vm health web

@@ -33,6 +33,7 @@ from etcd3aio._protobuf import (
     WatchRequest,
     WatchStub,
 )
+from etcd3aio.cluster import ClusterService
 from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
@@ -50,6 +51,13 @@ _PING_TIMEOUT_MS = 2_000
 # partitioned member then hands the watch back to us instead of going silent.
 _REQUIRE_LEADER = (("hasleader", "true"),)
 _WATCH_BACKOFF = (0.05, 1.0)
+# gRPC backs off reconnecting to a member up to 120 s by default; after an etcd outage that
+# would keep a node from renewing its lease long after etcd is back, so cap it
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -131,6 +139,15 @@ class Lease:
     id: int
     #: seconds etcd granted (at least its minimum, 1.5 x the election timeout rounded up)
     ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One etcd cluster member as the cluster lists it."""
+
+    id: int
+    name: str
+    client_urls: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,9 +319,11 @@ class Etcd:
             keepalive_time_ms=_PING_EVERY_MS,
             keepalive_timeout_ms=_PING_TIMEOUT_MS,
         )
+        manager.grpc_options.extend(_RECONNECT_OPTIONS)
         self._channel = manager.get_channel()
         self._kv = KVService(self._channel)
         self._leases = LeaseService(self._channel)
+        self._members = ClusterService(self._channel)
         self._watch_stub = WatchStub(self._channel)
 
     async def __aenter__(self) -> Etcd:
@@ -472,6 +491,18 @@ class Etcd:
         return await self.txn(
             [unchanged(key, mod_revision)], [Delete(key)], [Get(key)], timeout=timeout
         )
+
+    async def members(self, *, timeout: float | None = None) -> list[Member]:
+        """Every member of the etcd cluster (a linearizable read: it needs a leader)."""
+        resp = await self._call(
+            "list members",
+            lambda t: self._members.member_list(timeout=t, max_attempts=1),
+            timeout,
+        )
+        return [
+            Member(int(m.ID), str(m.name), tuple(str(u) for u in m.clientURLs))
+            for m in resp.members
+        ]
 
     # -- leases --------------------------------------------------------------------------------
 

@@ -20,6 +20,12 @@ class EventType(StrEnum):
     VM_ADOPTED = "vm.adopted"
     VM_START_VETOED = "vm.start_vetoed"
     VM_SETUP_FAILED = "vm.setup_failed"
+    VM_UPDATED = "vm.updated"
+    # warm start
+    VM_WARM_START = "vm.warm_start"
+    VM_BOOT_SNAPSHOT_SAVED = "vm.boot_snapshot_saved"
+    VM_BOOT_SNAPSHOT_DISCARDED = "vm.boot_snapshot_discarded"
+    VM_GUEST_CLOCK = "vm.guest_clock"
     # health and recovery
     VM_HEALTH = "vm.health"
     VM_WATCHDOG = "vm.watchdog"
@@ -56,11 +62,23 @@ class EventType(StrEnum):
     SNAPSHOT_RESUME_FAILED = "snapshot.resume_failed"
     SNAPSHOT_CLEANED = "snapshot.cleaned"
     SNAPSHOT_LOST = "snapshot.lost"
+    SNAPSHOT_KEPT = "snapshot.kept"
     # schedules
     SCHEDULE_RAN = "schedule.ran"
     SCHEDULE_FAILED = "schedule.failed"
     SCHEDULE_MISSED = "schedule.missed"
     SCHEDULE_SKIPPED = "schedule.skipped"
+    # the agent's own database
+    DATABASE_BACKED_UP = "database.backed_up"
+    DATABASE_BACKUP_FAILED = "database.backup_failed"
+    # managed networks
+    NETWORK_CREATED = "network.created"
+    NETWORK_DELETED = "network.deleted"
+    NETWORK_DNSMASQ_RESTARTED = "network.dnsmasq_restarted"
+    # declarative manifests
+    MANIFEST_APPLIED = "manifest.applied"
+    MANIFEST_APPLY_FAILED = "manifest.apply_failed"
+    MANIFEST_REFUSED = "manifest.refused"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class Quota(BaseModel):
     the VMM's own overhead), disk size is GiB summed over the VM's drives.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cpu_percent: int | None = Field(
         default=None,
@@ -145,8 +145,8 @@ class Enforcement:
 
 QEMU_USER_NET = (
     "QEMU user-mode networking cannot be rate-limited (its traffic never crosses a host "
-    "device tc could shape); use network mode 'tap', where the limit is applied with tc on "
-    "the TAP device, or the firecracker hypervisor"
+    "device tc could shape); use network mode 'managed' (the default network) or network "
+    "mode 'tap', where the limit is applied on the TAP device, or the firecracker hypervisor"
 )
 NO_NET = "the VM has no network device (network mode 'none'): there is nothing to limit"
 NO_DISK_THROTTLE = "this VM's hypervisor cannot throttle its disks"
@@ -155,6 +155,13 @@ TC_NO_PPS = (
     "packet-rate police action needs CONFIG_NET_ACT_POLICE); use the firecracker hypervisor, "
     "whose network rate limiter has an 'ops' bucket for packets"
 )
+
+
+#: how each network limit binds on the TAP of a managed network, which stoker owns
+MANAGED_TAP_LIMITS = {
+    "network_mbps": "tc tbf on the TAP (guest receive) and its ifb (guest transmit)",
+    "network_pps": "nftables packet limit in the TAP's ingress and egress hooks",
+}
 
 
 def plan(quota: Quota, spec: VMSpec, caps: Capabilities) -> Enforcement:
@@ -185,6 +192,8 @@ def plan(quota: Quota, spec: VMSpec, caps: Capabilities) -> Enforcement:
             enforced[name] = str(vmm_limit[name])
         elif mode == NetworkMode.USER:
             refused[name] = QEMU_USER_NET
+        elif mode == NetworkMode.MANAGED:
+            enforced[name] = MANAGED_TAP_LIMITS[name]
         elif name == "network_pps":
             refused[name] = TC_NO_PPS
         else:

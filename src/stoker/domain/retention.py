@@ -16,9 +16,10 @@ rule did nothing. Here every rule is a separate bucket rule with restic's ``forg
 * ``within:D`` keeps every snapshot newer than *newest snapshot - D*, as restic does:
   it is relative to the newest snapshot, not to "now", so a host whose snapshots stopped
   (broken schedule, agent down) never ages its last good snapshots out. ``D`` is a fixed
-  length: ``m`` minutes, ``h`` hours, ``d`` days of 24 h, ``w`` weeks, combined like
-  ``1d12h``. (restic reads ``m`` as months; stoker has no months or years in durations,
-  to keep them exact.)
+  length in stoker's one duration grammar (``domain.units.parse_duration``): ``s``, ``m``
+  minutes, ``h`` hours, ``d`` days of 24 h, ``w`` weeks, largest first, like ``1d12h``.
+  (restic reads ``m`` as months; stoker has no months or years in durations, to keep them
+  exact.)
 
 A snapshot kept by any rule stays; rules do not interact, so adding a rule can only keep
 more. Protected snapshots are always kept (reason ``"protected"``). Like restic's
@@ -44,6 +45,8 @@ from itertools import compress, filterfalse, repeat
 from operator import attrgetter, sub
 from typing import Literal, NamedTuple, Protocol, get_args
 
+from stoker.domain import units
+
 __all__ = [
     "BUCKET_KINDS",
     "PROTECTED_REASON",
@@ -66,14 +69,7 @@ BUCKET_KINDS: tuple[str, ...] = RULE_KINDS[:-1]
 PROTECTED_REASON = "protected"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_DURATION_UNITS: dict[str, timedelta] = {
-    "w": timedelta(weeks=1),
-    "d": timedelta(days=1),
-    "h": timedelta(hours=1),
-    "m": timedelta(minutes=1),
-}
-_DURATION_RE = re.compile(r"(\d+)([a-zA-Z]+)")
-_COUNT_RE = re.compile(r"\d+")
+_COUNT_RE = re.compile(r"\d{1,9}")
 
 
 class SnapshotLike(Protocol):
@@ -95,59 +91,26 @@ class SnapshotLike(Protocol):
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse ``30m``, ``12h``, ``7d``, ``2w`` or combinations like ``1w2d12h30m``.
+    """A retention window or snapshot interval, in stoker's one duration grammar
+    (:func:`stoker.domain.units.parse_duration`: ``30m``, ``12h``, ``7d``, ``1w2d12h30m``).
 
     Raises ``ValueError`` saying what to write instead, because this text comes from
     operators.
     """
-    s = text.strip()
-    if not s:
-        raise ValueError("empty duration; write something like '7d', '12h' or '1d12h'")
-    pos = 0
-    total = timedelta(0)
-    seen: set[str] = set()
-    for m in _DURATION_RE.finditer(s):
-        if m.start() != pos:
-            break
-        number, unit = m.group(1), m.group(2)
-        if unit not in _DURATION_UNITS:
-            hint = ""
-            if (
-                unit.lower() in {"y", "mo", "mon", "month", "months", "year", "years"}
-                or unit == "M"
-            ):
-                hint = " (months and years are not supported: use d or w)"
-            raise ValueError(
-                f"unknown unit {unit!r} in duration {text!r}{hint}; "
-                "use m (minutes), h (hours), d (days) or w (weeks)"
-            )
-        if unit in seen:
-            raise ValueError(f"unit {unit!r} given twice in duration {text!r}")
-        seen.add(unit)
-        total += int(number) * _DURATION_UNITS[unit]
-        pos = m.end()
-    if pos != len(s) or not seen:
-        raise ValueError(
-            f"bad duration {text!r}; write a number followed by a unit m, h, d or w, "
-            "optionally combined, e.g. '30m', '12h', '7d', '2w', '1d12h'"
-        )
-    if total <= timedelta(0):
+    seconds = units.parse_duration(text)
+    if seconds <= 0:
         raise ValueError(f"duration {text!r} must be longer than zero")
-    return total
+    if seconds != int(seconds):
+        raise ValueError(f"duration {text!r} must be a whole number of seconds")
+    return timedelta(seconds=int(seconds))
 
 
 def format_duration(d: timedelta) -> str:
     """Canonical text of a duration (largest units first, e.g. ``1w2d12h``)."""
-    minutes, rest = divmod(d, timedelta(minutes=1))
-    if rest or minutes <= 0:
-        raise ValueError(f"duration {d} must be a positive whole number of minutes")
-    parts = []
-    for unit, size in _DURATION_UNITS.items():
-        n, minutes_left = divmod(minutes, size // timedelta(minutes=1))
-        if n:
-            parts.append(f"{n}{unit}")
-        minutes = minutes_left
-    return "".join(parts)
+    seconds, rest = divmod(d, timedelta(seconds=1))
+    if rest or seconds <= 0:
+        raise ValueError(f"duration {d} must be a positive whole number of seconds")
+    return units.format_duration(seconds)
 
 
 @dataclass(frozen=True)
@@ -164,7 +127,7 @@ class Rule:
         if self.kind == "within":
             if self.duration is None or self.count is not None:
                 raise ValueError("a 'within' rule takes a duration and no count")
-            format_duration(self.duration)  # validates: positive, whole minutes
+            format_duration(self.duration)  # validates: positive, whole seconds
         else:
             if self.duration is not None:
                 raise ValueError(f"a {self.kind!r} rule takes a count, not a duration")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,8 @@ class PolicyRecord:
     last_auto_at: datetime | None
     updated_at: datetime
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: what deleting a VM does with its snapshots: ``keep`` them (restorable into a new VM
+#: later) or ``delete`` them; a VM with snapshots is never deleted without saying which
+SnapshotsOnDelete = Literal["keep", "delete"]

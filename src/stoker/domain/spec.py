@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 NAME_RE = re.compile(NAME_PATTERN)
@@ -85,7 +85,7 @@ class Drive(Strict):
         description="absolute path of the disk image on the host, inside an image pool",
     )
     format: DriveFormat = DriveFormat.RAW
-    read_only: bool = False
+    read_only: StrictBool = False
 
     @field_validator("path")
     @classmethod
@@ -287,6 +287,11 @@ class VMSpec(Strict):
     stop_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     probes: list[Probe] = Field(default_factory=list, max_length=16)
+    warm_start: bool | None = Field(
+        default=None,
+        description="start from a boot snapshot taken at the first ready point instead of "
+        "booting (read-only drives only); null: the agent's [warm_start] default",
+    )
 
     @field_validator("kernel", "initrd")
     @classmethod
@@ -324,7 +329,7 @@ class VMSpec(Strict):
 
 
 def valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))
+    return bool(NAME_RE.fullmatch(name))
 
 
 def probe_target(probe: HTTPProbe | TCPProbe) -> tuple[str, int]:

@@ -29,21 +29,26 @@ _DURATION_UNITS: dict[str, float] = {
     "ms": 0.001,
 }
 _UNIT_ORDER = ["w", "d", "h", "m", "s", "ms"]
-_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
 _PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+#: the longest duration anything in stoker takes (a century): bigger ones are typos, and
+#: would overflow dates computed from them
+MAX_DURATION_S = 100 * 365 * 86_400.0
 
 
 def parse_duration(text: str) -> float:
     """Parse "90s", "1h30m", "2d" or a bare number of seconds into seconds.
 
-    Units are w, d, h, m, s and ms, largest first, each at most once, so "1m1h" is an error
-    rather than a silent sum; a typo in a retention window should not pass as a valid one.
+    The one duration grammar of stoker (config, API queries, retention windows, snapshot
+    intervals): a number and a unit, units w, d, h, m, s and ms, largest first, each at most
+    once, so "1m1h" is an error rather than a silent sum; a typo in a retention window should
+    not pass as a valid one. At most a century.
     """
     s = text.strip()
     if not s:
         raise ValueError("empty duration: expected something like '30s', '5m' or '1h30m'")
     if _PLAIN_NUMBER.fullmatch(s):
-        return float(s)
+        return _bounded(text, float(s))
     total = 0.0
     pos = 0
     last_rank = -1
@@ -55,8 +60,21 @@ def parse_duration(text: str) -> float:
                 "w, d, h, m, s, ms (for example '1h30m')"
             )
         unit = m.group(2)
+        if unit not in _DURATION_UNITS:
+            hint = (
+                " (months and years are not supported: use d or w)"
+                if unit.lower() in {"y", "mo", "mon", "month", "months", "year", "years"}
+                or unit == "M"
+                else ""
+            )
+            raise ValueError(
+                f"bad duration {text!r}: unknown unit {unit!r}{hint}; "
+                "use one of w, d, h, m, s, ms (for example '1h30m')"
+            )
         rank = _UNIT_ORDER.index(unit)
-        if rank <= last_rank:
+        if rank == last_rank:
+            raise ValueError(f"bad duration {text!r}: unit {unit!r} given twice")
+        if rank < last_rank:
             raise ValueError(
                 f"bad duration {text!r}: units must go from largest to smallest, "
                 f"each at most once (w d h m s ms)"
@@ -64,7 +82,14 @@ def parse_duration(text: str) -> float:
         last_rank = rank
         total += float(m.group(1)) * _DURATION_UNITS[unit]
         pos = m.end()
-    return total
+    return _bounded(text, total)
+
+
+def _bounded(text: str, seconds: float) -> float:
+    if not seconds <= MAX_DURATION_S:  # also catches inf, from a number too big for a float
+        shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:37] + "..."
+        raise ValueError(f"duration {shown!r} is longer than a century (36500d)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -32,3 +32,6 @@ class VM:
     last_restart_at: datetime | None = None
     next_retry_at: datetime | None = None
     transitions: tuple[Transition, ...] = field(default=())
+    #: why the stored record could not be decoded; such a VM is shown in ``error`` with the
+    #: reason "record unreadable" and only ``delete`` acts on it (its spec is a placeholder)
+    unreadable: str | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -38,6 +39,7 @@ __all__ = [
     "NetAttachment",
     "ProcessRecord",
     "Unsupported",
+    "VMIdentity",
     "VMMStats",
     "VMMStatus",
     "VMPaths",
@@ -73,6 +75,11 @@ class VMPaths:
     @property
     def control_socket(self) -> Path:
         return self.root / "control.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The host end of the guest agent channel (``org.qemu.guest_agent.0``)."""
+        return self.root / "agent.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -143,6 +150,14 @@ class NetAttachment:
 
 
 @dataclass(frozen=True)
+class VMIdentity:
+    """The unprivileged user and group one VM's VMM runs as (its own, from a range)."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class BootOptions:
     """What the services decide for a launch beyond the spec itself."""
 
@@ -150,6 +165,16 @@ class BootOptions:
     io_limits: IOLimits | None = None
     #: the NIC of a VM on a managed network (spec network mode 'managed')
     network: NetAttachment | None = None
+    #: who the VMM runs as when confinement is on
+    identity: VMIdentity | None = None
+    #: directories of the VM's own files the launch may use besides the image pools (the
+    #: copies a snapshot verification boots from)
+    private_dirs: tuple[Path, ...] = ()
+    #: a restore that does not run by then fails (a warm start then boots cold)
+    restore_timeout_s: float = 60.0
+    #: False: a restore stays paused, for a caller that resumes it once it has checked
+    #: what it restored (a warm start verifies the boot snapshot's checksum meanwhile)
+    resume_restored: bool = True
 
 
 class ExitSignal(Protocol):
@@ -207,6 +232,11 @@ class VMM(Protocol):
     async def save_state(self, dest: Path) -> None:
         """Save the memory and device state of a paused VM to ``dest`` (a file or directory)."""
 
+    async def sync_guest_clock(self, now: datetime, timeout_s: float) -> None:
+        """Tell a guest resumed from saved state the time (its clock stopped when the state
+        was saved): QEMU's guest agent ``guest-set-time``. Raises Unsupported when the VMM
+        has no channel to the guest, DriverError when the guest does not answer."""
+
     async def cancel_state_save(self) -> bool:
         """Cancel a state save left running (by an agent that died mid-snapshot); True if
         one was running."""
@@ -238,3 +268,7 @@ class Driver(Protocol):
         self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
     ) -> VMM:
         """Start a fresh VMM from saved state ``state`` and leave it running."""
+
+    def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
+        """A VMM of this VM that runs but was never recorded (the agent died right after
+        spawning it), or None."""

@@ -1,7 +1,9 @@
 """QEMU microVMs driven over QMP.
 
 The VMM runs in its own session with its console and its own output in files under the VM's
-directory, so it outlives the agent. The agent keeps one QMP connection per VM: commands go
+directory, so it outlives the agent; by default it runs confined (its own uid, a private
+mount namespace with nothing of the host's, no capabilities, seccomp) and gets descriptors,
+never paths (:mod:`.qemu_launch`). The agent keeps one QMP connection per VM: commands go
 through it, and the SHUTDOWN event tells a guest power-off from a crash.
 """
 
@@ -9,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from stoker.domain.spec import Accel, DriveFormat, NetworkMode, VMSpec
+from stoker.domain.spec import Accel, VMSpec
 from stoker.drivers.base import (
     BootFailed,
     BootOptions,
@@ -30,104 +35,29 @@ from stoker.drivers.base import (
     DriverUnavailable,
     DriveThrottle,
     IOLimits,
-    NetAttachment,
     ProcessRecord,
     Unsupported,
     VMMStats,
     VMMStatus,
     VMPaths,
 )
+from stoker.drivers.qemu_argv import process_tag
+from stoker.drivers.qemu_launch import LaunchSettings, PreparedLaunch, check_images, prepare
 from stoker.host import kvm
-from stoker.host.proc import ExitWatch, is_same_live_process, read_start_time, spawn_detached
+from stoker.host.confine import minimal_env
+from stoker.host.proc import (
+    ExitWatch,
+    find_processes_with_arg,
+    is_same_live_process,
+    read_start_time,
+    spawn_detached,
+)
 from stoker.host.tsc import host_tsc_khz
 
 log = logging.getLogger("stoker.qemu")
 
 CONSOLE_POLL_S = 0.005
 QMP_CONNECT_POLL_S = 0.005
-
-
-def qemu_argv(
-    spec: VMSpec,
-    paths: VMPaths,
-    *,
-    accel: str,
-    binary: str = "qemu-system-x86_64",
-    tsc_khz: int | None = None,
-    incoming: Path | None = None,
-    nic: NetAttachment | None = None,
-) -> list[str]:
-    """The full QEMU command line for ``spec``: an argv, never a shell string.
-
-    Under TCG a microvm guest has no fallback clock, and about 3% of boots hang calibrating
-    the TSC; giving the kernel the host's TSC frequency removes the hang.
-    """
-    cmdline = spec.cmdline
-    if accel == "tcg" and tsc_khz and "tsc_early_khz=" not in cmdline:
-        cmdline = f"{cmdline} tsc_early_khz={tsc_khz}"
-    argv = [
-        binary,
-        "-name", f"stoker-{spec.name}",
-        "-M", "microvm",
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display", "none",
-        "-accel", accel,
-        "-m", str(spec.memory_mib),
-        "-smp", str(spec.vcpus),
-        "-kernel", spec.kernel,
-        "-append", cmdline,
-        "-chardev", f"file,id=con0,path={paths.console}",
-        "-serial", "chardev:con0",
-        "-qmp", f"unix:{paths.control_socket},server=on,wait=off",
-    ]  # fmt: skip
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
-    if spec.initrd:
-        argv += ["-initrd", spec.initrd]
-    for index, drive in enumerate(spec.drives):
-        node = f"drive-vd{index}"
-        ro = "on" if drive.read_only else "off"
-        fmt = "qcow2" if drive.format == DriveFormat.QCOW2 else "raw"
-        argv += [
-            "-drive", f"file={drive.path},format={fmt},if=none,id={node},readonly={ro}",
-            "-device", f"virtio-blk-device,drive={node},id=vd{index}",
-        ]  # fmt: skip
-    net = spec.network
-    if net.mode == NetworkMode.USER:
-        forwards = "".join(
-            f",hostfwd={pf.protocol}:{pf.host_addr}:{pf.host_port}-:{pf.guest_port}"
-            for pf in net.port_forwards
-        )
-        argv += ["-netdev", f"user,id=n0{forwards}", "-device", _net_device(net.mac)]
-    elif net.mode == NetworkMode.TAP:
-        argv += [
-            "-netdev", f"tap,id=n0,ifname={net.tap},script=no,downscript=no",
-            "-device", _net_device(net.mac),
-        ]  # fmt: skip
-    elif net.mode == NetworkMode.MANAGED:
-        if nic is None:
-            raise DriverError("network mode 'managed' but the network service attached no NIC")
-        argv += [
-            "-netdev", f"tap,id=n0,ifname={nic.tap},script=no,downscript=no",
-            "-device", _net_device(nic.mac),
-        ]  # fmt: skip
-    if incoming is not None:
-        argv += ["-incoming", f"exec:cat {_quote_for_exec(incoming)}"]
-    return argv
-
-
-def _net_device(mac: str | None) -> str:
-    return "virtio-net-device,netdev=n0" + (f",mac={mac}" if mac else "")
-
-
-def _quote_for_exec(path: Path) -> str:
-    """QEMU runs ``exec:`` URIs through /bin/sh; our paths are ours, but quote them anyway."""
-    text = str(path)
-    if "'" in text:
-        raise DriverError(f"refusing a state path with a quote in it: {text}")
-    return f"'{text}'"
 
 
 CAPABILITIES = Capabilities(
@@ -151,19 +81,22 @@ class QemuDriver:
 
     def __init__(
         self,
-        binary: str = "qemu-system-x86_64",
+        settings: LaunchSettings,
         kvm_probe: Callable[[], kvm.KvmProbe] = kvm.cached_probe,
         tsc_khz: int | None = None,
     ) -> None:
-        self.binary = binary
+        self.settings = settings
+        self.binary = settings.binary
         self.kvm_probe = kvm_probe
         self.tsc_khz = tsc_khz if tsc_khz is not None else host_tsc_khz()
 
     def check(self, spec: VMSpec) -> None:
+        """The binary, KVM when asked for, and every image the spec names (in a pool, not a
+        link, not an agent's or another VM's file): ImageRejected names the field."""
         if shutil.which(self.binary) is None:
             raise DriverUnavailable(
                 f"QEMU binary {self.binary!r} not found: install qemu-system-x86 "
-                "(apt-get install qemu-system-x86) or set qemu_binary in the config"
+                "(apt-get install qemu-system-x86) or set [qemu] binary in the config"
             )
         if spec.accel == Accel.KVM:
             probe = self.kvm_probe()
@@ -172,6 +105,7 @@ class QemuDriver:
                     f"accel 'kvm' was asked for but KVM cannot run guests here: {probe.reason};"
                     " use accel 'tcg' or 'auto'"
                 )
+        check_images(self.settings, spec)
 
     def choose_accel(self, spec: VMSpec) -> str:
         accel, warning = kvm.choose_accel(spec.accel.value, self.kvm_probe)
@@ -179,37 +113,46 @@ class QemuDriver:
             log.warning(warning, extra={"vm": spec.name})
         return accel
 
-    def argv(
+    def cmdline(self, spec: VMSpec, accel: str) -> str:
+        """Under TCG a microvm guest has no fallback clock, and about 3% of boots hang
+        calibrating the TSC; giving the kernel the host's TSC frequency removes the hang."""
+        if accel == "tcg" and self.tsc_khz and "tsc_early_khz=" not in spec.cmdline:
+            return f"{spec.cmdline} tsc_early_khz={self.tsc_khz}"
+        return spec.cmdline
+
+    def prepare(
         self,
+        vm_id: str,
         spec: VMSpec,
         paths: VMPaths,
+        boot: BootOptions,
         incoming: Path | None = None,
-        nic: NetAttachment | None = None,
-    ) -> list[str]:
-        return qemu_argv(
-            spec,
-            paths,
-            accel=self.choose_accel(spec),
-            binary=self.binary,
-            tsc_khz=self.tsc_khz,
+    ) -> PreparedLaunch:
+        """The command line and its opened descriptors (also what a benchmark's plain QEMU
+        runs, so both start the same argv)."""
+        accel = self.choose_accel(spec)
+        return prepare(
+            self.settings,
+            vm_id=vm_id,
+            spec=spec,
+            paths=paths,
+            boot=boot,
+            accel=accel,
+            cmdline=self.cmdline(spec, accel),
             incoming=incoming,
-            nic=nic,
         )
 
     async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> QemuVMM:
-        """QEMU takes its limits live once up (``apply_io_limits``): ``boot`` has nothing for
-        it yet."""
-        return await self._launch(spec, paths, self.argv(spec, paths, nic=boot.network))
+        """QEMU takes its limits live once up (``apply_io_limits``), not from ``boot``."""
+        return await self._launch(vm_id, spec, paths, boot)
 
     async def restore(
         self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
     ) -> QemuVMM:
-        """Start QEMU waiting for migration data from ``state``, then run it."""
-        vmm = await self._launch(
-            spec, paths, self.argv(spec, paths, incoming=state, nic=boot.network)
-        )
+        """Start QEMU reading migration data from ``state`` (a descriptor), then run it."""
+        vmm = await self._launch(vm_id, spec, paths, boot, incoming=state)
         try:
-            await vmm.finish_incoming()
+            await vmm.finish_incoming(boot.restore_timeout_s, resume=boot.resume_restored)
         except BaseException:
             # never leave a half-restored QEMU behind: nobody else knows its pid yet
             await vmm.kill()
@@ -217,15 +160,28 @@ class QemuDriver:
             raise
         return vmm
 
-    async def _launch(self, spec: VMSpec, paths: VMPaths, argv: Sequence[str]) -> QemuVMM:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            paths.control_socket.unlink()
-        paths.console.unlink(missing_ok=True)
+    async def _launch(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        incoming: Path | None = None,
+    ) -> QemuVMM:
+        prepared = await asyncio.to_thread(self.prepare, vm_id, spec, paths, boot, incoming)
+        argv = prepared.command.argv
         try:
-            child = spawn_detached(argv, paths.vmm_log, cwd=paths.root)
+            child = spawn_detached(
+                argv,
+                paths.vmm_log,
+                cwd=paths.root,
+                env=minimal_env(),
+                pass_fds=prepared.command.pass_fds,
+            )
         except OSError as exc:
             raise DriverUnavailable(f"cannot start {argv[0]}: {exc}") from exc
+        finally:
+            prepared.close()
         start_time = read_start_time(child.pid) or 0
         accel = argv[argv.index("-accel") + 1]
         record = ProcessRecord(
@@ -236,6 +192,27 @@ class QemuDriver:
             argv=tuple(argv),
         )
         return QemuVMM(spec, paths, record, child=child)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """QEMU's own version line: saved state is only valid for the QEMU that wrote it."""
+        try:
+            done = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=10,
+                env=minimal_env(), check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        return done.stdout.splitlines()[0].strip() if done.stdout else "unknown"
+
+    def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
+        """A VMM of this VM started just before the agent died, before its pid was written
+        down: found by the tag in its command line."""
+        for pid in find_processes_with_arg(f"process={process_tag(vm_id)}"):
+            start = read_start_time(pid)
+            if start is not None:
+                return ProcessRecord(pid, start, str(paths.control_socket))
+        return None
 
     async def adopt(self, spec: VMSpec, paths: VMPaths, record: ProcessRecord) -> QemuVMM:
         if not is_same_live_process(record.pid, record.start_time):
@@ -450,6 +427,25 @@ class QemuVMM:
                 raise DriverError(f"saving memory state failed: {info.get('error-desc', status)}")
             await asyncio.sleep(0.01)
 
+    async def sync_guest_clock(self, now: datetime, timeout_s: float) -> None:
+        """``guest-set-time`` over the guest agent channel, as libvirt does after a restore.
+        The answer is read (one line) but a guest that takes a moment to step its clock does
+        not hold the caller up longer than ``timeout_s``."""
+        command = {"execute": "guest-set-time", "arguments": {"time": _ns(now)}}
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_unix_connection(str(self.paths.agent_socket))
+                try:
+                    writer.write(json.dumps(command).encode() + b"\n")
+                    await writer.drain()
+                    answer = json.loads(await reader.readline() or b"{}")
+                finally:
+                    writer.close()
+        except (TimeoutError, OSError, ValueError) as exc:
+            raise DriverError(f"the guest agent did not answer guest-set-time: {exc!r}") from exc
+        if "return" not in answer:
+            raise DriverError(f"the guest agent refused guest-set-time: {answer}")
+
     async def cancel_state_save(self) -> bool:
         """A migration an interrupted snapshot left running is cancelled, and waited for."""
         info = await self.execute("query-migrate")
@@ -463,8 +459,9 @@ class QemuVMM:
             await asyncio.sleep(0.05)
         return True
 
-    async def finish_incoming(self, timeout_s: float = 60.0) -> None:
-        """After ``-incoming``: wait until QEMU has loaded the state, then run it."""
+    async def finish_incoming(self, timeout_s: float = 60.0, resume: bool = True) -> None:
+        """After ``-incoming``: wait until QEMU has loaded the state, then run it (unless
+        ``resume`` is False: the caller resumes it)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -478,8 +475,9 @@ class QemuVMM:
                 return
             if loop.time() >= deadline:
                 raise BootFailed(f"restoring state did not finish within {timeout_s:g} s")
-            await asyncio.sleep(0.01)
-        await self.resume()
+            await asyncio.sleep(0.004)
+        if resume:
+            await self.resume()
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -493,3 +491,7 @@ class QemuVMM:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.disconnect(), 1.0)
             self.qmp = None
+
+
+def _ns(at: datetime) -> int:
+    return int(at.timestamp() * 1_000_000_000)

@@ -35,10 +35,13 @@ DiskFormat = Literal["raw", "qcow2"]
 ConfineMode = Literal["namespace", "runas"]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+INSTANCE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_BACKING_DEPTH = 16
+#: the virtio-serial port name QEMU's guest agent (qemu-ga) listens on
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 #: where the namespace jail shows the kernel and initrd
 JAIL_KERNEL = "/kernel"
 JAIL_INITRD = "/initrd"
@@ -116,6 +119,8 @@ class QemuLaunch:
     """Everything one QEMU launch needs; the driver maps a VM spec onto it."""
 
     name: str
+    #: the VM's id: shown in the process's command line so a VMM can be found by it
+    instance: str
     accel: Accel
     memory_mib: int
     vcpus: int
@@ -127,6 +132,9 @@ class QemuLaunch:
     disks: tuple[DiskImage, ...] = ()
     network: UserNetwork | TapNetwork | None = None
     incoming_fd: int | None = None  # restore: migration stream to read
+    #: a listening Unix socket for the guest agent channel (virtio-serial port
+    #: ``org.qemu.guest_agent.0``): how the host tells a restored guest the time
+    agent_fd: int | None = None
     confinement: Confinement | None = None
     binary: str = "qemu-system-x86_64"
     sandbox: bool = True  # QEMU's seccomp filter; on whenever confinement is
@@ -141,6 +149,12 @@ class QemuCommand:
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def process_tag(instance: str) -> str:
+    """What a VMM's command line carries to be found again (an orphan after an agent crash,
+    a test's leftovers): ``process=stoker-<vm id>`` in its ``-name``."""
+    return f"stoker-{instance}"
 
 
 def valid_mac(mac: str, field_name: str = "network.mac") -> str:
@@ -184,6 +198,8 @@ def _fd(value: object, field_name: str) -> int:
 def _check(launch: QemuLaunch) -> None:
     if not isinstance(launch.name, str) or not NAME_RE.fullmatch(launch.name):
         raise LaunchError("name", f"{launch.name!r} must match {NAME_RE.pattern}")
+    if not isinstance(launch.instance, str) or not INSTANCE_RE.fullmatch(launch.instance):
+        raise LaunchError("instance", f"{launch.instance!r} must match {INSTANCE_RE.pattern}")
     if launch.accel not in ("tcg", "kvm"):
         raise LaunchError("accel", f"must be 'tcg' or 'kvm', not {launch.accel!r}")
     _int(launch.memory_mib, "memory_mib", 16, MAX_MEMORY_MIB)
@@ -279,6 +295,8 @@ def _named_fds(launch: QemuLaunch) -> list[tuple[str, int]]:
         named.append(("network.fd", launch.network.fd))
     if launch.incoming_fd is not None:
         named.append(("incoming_fd", launch.incoming_fd))
+    if launch.agent_fd is not None:
+        named.append(("agent_fd", launch.agent_fd))
     return named
 
 
@@ -333,7 +351,7 @@ def build_qemu_command(launch: QemuLaunch) -> QemuCommand:
     kernel = JAIL_KERNEL if in_jail else f"/proc/self/fd/{launch.kernel_fd}"
     argv = [
         launch.binary,
-        "-name", f"guest=stoker-{launch.name}",
+        "-name", f"guest=stoker-{launch.name},process={process_tag(launch.instance)}",
         "-M", "microvm",
         "-nodefaults",
         "-no-user-config",
@@ -366,6 +384,17 @@ def build_qemu_command(launch: QemuLaunch) -> QemuCommand:
             _json({"driver": "virtio-blk-device", "drive": f"vd{i}", "id": f"vd{i}"}),
         ]
     argv += _network_args(launch.network)
+    if launch.agent_fd is not None:
+        argv += [
+            "-chardev", f"socket,id=ga,fd={launch.agent_fd},server=on,wait=off",
+            "-device", _json({"driver": "virtio-serial-device", "id": "vser0"}),
+            "-device", _json({
+                "driver": "virtserialport",
+                "bus": "vser0.0",
+                "chardev": "ga",
+                "name": GUEST_AGENT_PORT,
+            }),
+        ]  # fmt: skip
     if launch.incoming_fd is not None:
         argv += ["-incoming", f"fd:{launch.incoming_fd}"]
     if launch.sandbox or conf is not None:

@@ -99,6 +99,8 @@ REQUIRED_MODULES: tuple[str, ...] = (
     # ACPI power button -> input event -> busybox acpid -> poweroff.
     "button",
     "evdev",
+    # the guest agent channel (virtio-serial port org.qemu.guest_agent.0)
+    "virtio_console",
 )
 # Needed to mount an ext4 /data only if the kernel builds them as modules.
 OPTIONAL_MODULES: tuple[str, ...] = (
@@ -207,6 +209,14 @@ mount_data
 # ACPI power button (QMP system_powerdown) -> /etc/acpi/PWRF/00000080.
 acpid -c /etc/acpi -l /run/acpid.log
 
+# This boot's id, read now (the kernel makes it on first read): a guest resumed from a
+# boot snapshot shows the id of the boot the snapshot was taken in.
+cat /proc/sys/kernel/random/boot_id >/run/boot-id
+
+# A tiny guest agent on the host's channel: guest-set-time after a restore (then the
+# resume hooks in /etc/stoker/resume.d), guest-ping; see /sbin/stoker-ga.
+/sbin/stoker-ga >/run/stoker-ga.log 2>&1 &
+
 if ! has stoker.nohttp=1; then
     httpd -p 80 -h /www
     n=0
@@ -219,7 +229,7 @@ fi
 
 # Keep the daemons tests rely on out of the OOM killer's reach (alloc can
 # fill RAM); CGI scripts reset their own score to 0.
-for p in $(pidof acpid httpd udhcpc); do
+for p in $(pidof acpid httpd udhcpc stoker-ga); do
     echo -1000 >"/proc/$p/oom_score_adj"
 done
 
@@ -264,6 +274,59 @@ bound | renew)
     ;;
 esac
 exit 0
+"""
+
+GUEST_AGENT_SCRIPT = r"""#!/bin/sh
+# The test guest's guest agent: the part of QEMU's qemu-ga protocol stoker uses, one JSON
+# command per line on the virtio-serial port org.qemu.guest_agent.0.
+#   guest-set-time {"time": NS}: answer at once, then step the clock to the host's time
+#     (at the next whole second, so it is right to the millisecond, not just the second)
+#     and run the resume hooks; a restored guest's clock stopped when its state was saved.
+#   guest-ping, guest-sync: answered.
+port=
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+done
+[ -n "$port" ] || { echo "stoker-ga: no guest agent port"; exit 0; }
+exec 3<>"$port"
+set_time() {
+    secs=$(($1 / 1000000000))
+    frac=$(($1 % 1000000000))
+    usleep $(((1000000000 - frac) / 1000))
+    date -s "@$((secs + 1))" >/dev/null
+    for hook in /etc/stoker/resume.d/*; do
+        [ -x "$hook" ] && "$hook"
+    done
+}
+# A read while the host end is not connected returns end-of-file at once (that is how
+# virtio-serial says "nobody there"): wait a moment and read again.
+while :; do
+while read -r line <&3; do
+    case "$line" in
+    *'"guest-set-time"'*)
+        ns=$(printf '%s\n' "$line" | sed -n 's/.*"time": *\([0-9][0-9]*\).*/\1/p')
+        if [ -n "$ns" ]; then
+            printf '{"return": {}}\n' >&3
+            set_time "$ns" &
+        else
+            printf '{"error": {"class": "GenericError", "desc": "no time"}}\n' >&3
+        fi
+        ;;
+    *'"guest-ping"'* | *'"guest-sync'*) printf '{"return": {}}\n' >&3 ;;
+    *) printf '{"error": {"class": "CommandNotFound", "desc": "not supported"}}\n' >&3 ;;
+    esac
+done
+usleep 50000
+done
+"""
+
+RESUME_HOOK = r"""#!/bin/sh
+# Runs after a restore: count it, note when, and stir the entropy pool (a restored guest
+# would otherwise hand out the same random numbers as every other copy of the snapshot).
+n=$(cat /run/resumed-count 2>/dev/null || echo 0)
+echo $((n + 1)) >/run/resumed-count
+date +%s >/run/resumed-at
+head -c 64 /dev/urandom >/dev/urandom
 """
 
 POWEROFF_SCRIPT = r"""#!/bin/sh
@@ -375,6 +438,21 @@ t1=$(uptime_cs)
 [ "$rc" -eq 0 ] || fail "507 Insufficient Storage" "dd failed"
 printf 'Content-Type: text/plain\r\nX-Stoker-Dd-Mode: %s\r\n\r\n' "$mode"
 echo $(((t1 - t0) * 10))
+""",
+    "agent": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+ok
+echo "ports: $(ls /sys/class/virtio-ports 2>&1)"
+for p in /sys/class/virtio-ports/*; do echo "$p $(cat $p/name 2>&1)"; done
+echo "modules: $(cat /proc/modules | cut -d' ' -f1 | tr '\n' ' ')"
+cat /run/stoker-ga.log 2>&1
+""",
+    "clock": r"""#!/bin/sh
+. /lib/stoker/cgi.sh
+ok
+echo "time $(date +%s)"
+echo "boot_id $(cat /run/boot-id)"
+echo "resumed $(cat /run/resumed-count 2>/dev/null || echo 0)"
 """,
     "poweroff": r"""#!/bin/sh
 . /lib/stoker/cgi.sh
@@ -544,6 +622,8 @@ def recipe_hash() -> str:
         INIT_SCRIPT,
         UDHCPC_SCRIPT,
         POWEROFF_SCRIPT,
+        GUEST_AGENT_SCRIPT,
+        RESUME_HOOK,
         CGI_LIB,
         json.dumps(dict(CGI_SCRIPTS), sort_keys=True),
         ",".join(REQUIRED_MODULES),
@@ -827,6 +907,7 @@ def _populate_rootfs(root: Path, moddir: Path, order: list[str]) -> None:
         "tmp",
         "run",
         "etc/acpi/PWRF",
+        "etc/stoker/resume.d",
         "data",
         "www/cgi-bin",
         "lib/modules",
@@ -844,6 +925,8 @@ def _populate_rootfs(root: Path, moddir: Path, order: list[str]) -> None:
 
     _write(root / "init", INIT_SCRIPT, 0o755)
     _write(root / "sbin/stoker-poweroff", POWEROFF_SCRIPT, 0o755)
+    _write(root / "sbin/stoker-ga", GUEST_AGENT_SCRIPT, 0o755)
+    _write(root / "etc/stoker/resume.d/10-record", RESUME_HOOK, 0o755)
     _write(root / "etc/udhcpc.script", UDHCPC_SCRIPT, 0o755)
     _write(root / "etc/acpi/PWRF/00000080", "#!/bin/sh\nexec /sbin/stoker-poweroff\n", 0o755)
     _write(root / "lib/stoker/cgi.sh", CGI_LIB)

@@ -47,16 +47,25 @@ class ImagePolicy:
 
     pools: tuple[Path, ...]
     forbidden: tuple[Path, ...] = ()
+    #: the pools as configured (before resolving links), for the check that names no file
+    named_pools: tuple[Path, ...] = ()
 
     @classmethod
     def create(
         cls, pools: Iterable[Path | str], forbidden: Iterable[Path | str] = ()
     ) -> ImagePolicy:
         """Resolve every pool and forbidden path once, so later checks compare real paths."""
+        given = tuple(Path(os.path.normpath(p)) for p in pools)
         return cls(
-            pools=tuple(Path(os.path.realpath(p)) for p in pools),
+            pools=tuple(Path(os.path.realpath(p)) for p in given),
             forbidden=tuple(Path(os.path.realpath(p)) for p in forbidden),
+            named_pools=given,
         )
+
+    def names_a_pool_file(self, path: str) -> bool:
+        """Whether ``path`` as written (no link resolved, nothing touched) lies in a pool."""
+        lexical = Path(os.path.normpath(path))
+        return any(_within(lexical, p) and lexical != p for p in (*self.pools, *self.named_pools))
 
     def pool_of(self, real: Path) -> Path | None:
         """The pool ``real`` (an already resolved path) lies in, or None."""
@@ -104,8 +113,14 @@ def check_image(policy: ImagePolicy, field: str, path: str) -> CheckedImage:
         raise reject("is not an absolute path")
     if "\x00" in path:
         raise reject("contains a NUL byte")
+    # decided before touching the file system: the answer must not tell whether a file
+    # exists outside the pools (an API caller could otherwise probe the host's files)
+    if not policy.names_a_pool_file(path):
+        raise reject("is outside every image pool")
     try:
         given = os.lstat(path)
+    except FileNotFoundError:
+        raise reject("does not exist (no such file)") from None
     except OSError as exc:
         raise reject(f"cannot be read ({exc.strerror})") from None
     if stat.S_ISLNK(given.st_mode):

@@ -1,39 +1,17 @@
 """Which changes reach a running VM live and which need a restart, field by field.
 
-The VMM is started with everything that makes the machine (CPUs, RAM, boot files, devices,
-NICs), and stoker does no hotplug, so those need a restart. What stoker itself reads later
-(labels, timeouts, policies, probes, quotas, schedules) applies to a running VM at once. A
-VM field missing from this table (a field added to VMSpec later) counts as needing a
-restart: the safe guess until someone decides.
+The VM fields' table is the domain's (:mod:`stoker.domain.spec_changes`), shared with the
+lifecycle's in-place spec update; a manifest adds the parts of a VM that are objects of
+their own (quota, snapshot policy, schedules), all live.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-RESTART: Final = "restart"
-LIVE: Final = "live"
+from stoker.domain.spec_changes import LIVE, RESTART, VM_FIELDS, head, needs_restart
 
-#: VM field -> (how a change reaches a running VM, why)
-VM_FIELDS: Final[dict[str, tuple[str, str]]] = {
-    "vcpus": (RESTART, "vCPUs are fixed when the VMM starts (no CPU hotplug)"),
-    "memory_mib": (RESTART, "guest RAM is fixed when the VMM starts (no balloon, no hotplug)"),
-    "kernel": (RESTART, "loaded at boot"),
-    "initrd": (RESTART, "loaded at boot"),
-    "cmdline": (RESTART, "read by the guest kernel at boot"),
-    "drives": (RESTART, "disks are on the VMM's command line (no disk hotplug)"),
-    "network": (RESTART, "the NIC, its mode and port forwards are set when the VMM starts"),
-    "network_name": (RESTART, "the VM's TAP joins its network's bridge when the VM starts"),
-    "hypervisor": (RESTART, "another VMM process altogether"),
-    "accel": (RESTART, "chosen when the VMM starts"),
-    "labels": (LIVE, "stoker's own metadata; selectors see new labels at once"),
-    "ready_marker": (LIVE, "read at the next boot"),
-    "boot_timeout_s": (LIVE, "used at the next start"),
-    "stop_timeout_s": (LIVE, "used at the next stop"),
-    "restart": (LIVE, "the supervisor reads the policy at the VMM's next exit"),
-    "probes": (LIVE, "the health service takes a VM's new probes at once"),
-    "warm_start": (LIVE, "decides how the next start boots"),
-}
+__all__ = ["LIVE", "LIVE_PARTS", "RESTART", "VM_FIELDS", "head", "needs_restart"]
 
 #: the other parts of a VM a manifest sets, all live, and why
 LIVE_PARTS: Final[dict[str, str]] = {
@@ -41,13 +19,3 @@ LIVE_PARTS: Final[dict[str, str]] = {
     "snapshot_policy": "snapshot automation reads the policy on its next tick",
     "schedule": "schedules are objects of their own; the scheduler re-plans at once",
 }
-
-
-def head(field: str) -> str:
-    """``drives[0].path`` -> ``drives``; ``restart.policy`` -> ``restart``."""
-    return field.split(".", 1)[0].split("[", 1)[0]
-
-
-def needs_restart(field: str) -> bool:
-    """True when a change of this VM field reaches a running VM only through a restart."""
-    return VM_FIELDS.get(head(field), (RESTART, ""))[0] == RESTART

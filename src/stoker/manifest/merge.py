@@ -5,7 +5,8 @@
   snapshot-policy key turns that default off for the VM (``retention = ""``).
 * ``probes`` replace: a VM's list is its whole list (``probes = []`` removes the defaults),
   because probes are checks that belong together, not entries to mix by position.
-* ``warm_start`` is a plain value: the VM's, else the default's, else off.
+* ``warm_start`` is a plain value: the VM's, else the default's, else the agent's
+  ``[warm_start] default``.
 
 Merging works on the raw tables before validation, so an error in a VM's own key keeps its
 own path and line; defaults were validated on their own first, and only their valid parts

@@ -106,7 +106,9 @@ class VMEntry(VMSpec):
     )
     warm_start: bool | None = None
     network_name: Name | None = Field(
-        default=None, description="the [[network]] this VM joins (or 'default')"
+        default=None,
+        description="the [[network]] this VM joins (or 'default'): short for network = "
+        "{ mode = 'managed', name = ... }",
     )
     running: bool | None = Field(
         default=None,
@@ -115,10 +117,9 @@ class VMEntry(VMSpec):
     )
 
     def vm_spec(self) -> VMSpec:
-        """The VMSpec part, as the API would store it."""
-        data = self.model_dump(include=set(VMSpec.model_fields))
-        if "warm_start" in VMSpec.model_fields:  # once the warm-start work adds it to VMSpec
-            data["warm_start"] = bool(self.warm_start)
+        """The VMSpec part as the API would receive it: only the keys the manifest gave, so
+        that the agent fills in the rest as it does for a request (the network above all)."""
+        data = self.model_dump(include=set(VMSpec.model_fields), exclude_unset=True)
         return VMSpec.model_validate(data)
 
 

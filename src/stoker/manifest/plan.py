@@ -435,17 +435,39 @@ def _drift(applied: HostState, current: HostState) -> list[Drift]:
 def state_after(p: Plan) -> HostState:
     """The host as it will be once apply carried out every step of ``p``: what apply records
     for drift, and what a second plan must find nothing to do about."""
-    vms = {vm.name: vm for vm in p.current.vms}
-    schedules = {s.name: s for s in p.current.schedules}
-    networks = {n.name: n for n in p.current.networks}
+    objects = HostObjects.of(p.current)
     for step in p.steps:
+        objects.advance(step)
+    return objects.state(p.current)
+
+
+@dataclass
+class HostObjects:
+    """The host's objects by name, moved forward one step at a time: :func:`state_after`
+    for a whole plan, and apply after each step it carried out (to record that object)."""
+
+    vms: dict[str, VMRecord]
+    schedules: dict[str, ScheduleState]
+    networks: dict[str, NetworkRecord]
+
+    @classmethod
+    def of(cls, host: HostState) -> HostObjects:
+        return cls(
+            {vm.name: vm for vm in host.vms},
+            {s.name: s for s in host.schedules},
+            {n.name: n for n in host.networks},
+        )
+
+    def advance(self, step: Step) -> None:
+        """What ``step`` leaves behind once carried out."""
         target = step.target
+        vms = self.vms
         if step.op == Op.DELETE and step.kind == Kind.VM:
             vms.pop(step.name, None)
         elif step.op == Op.DELETE and step.kind == Kind.SCHEDULE:
-            schedules.pop(step.name, None)
+            self.schedules.pop(step.name, None)
         elif step.op == Op.DELETE and step.kind == Kind.NETWORK:
-            networks.pop(step.name, None)
+            self.networks.pop(step.name, None)
         elif step.kind == Kind.VM and step.op in (Op.START, Op.STOP):
             running = VMState.RUNNING if step.op == Op.START else VMState.STOPPED
             vms[step.name] = replace(vms[step.name], state=running)
@@ -462,15 +484,17 @@ def state_after(p: Plan) -> HostState:
             policy = _as(target, SnapshotPolicySpec)
             vms[step.name] = replace(vms[step.name], snapshot_policy=policy)
         elif isinstance(target, ScheduleState):
-            schedules[step.name] = target
+            self.schedules[step.name] = target
         elif isinstance(target, NetworkRecord):
-            networks[step.name] = target
-    return replace(
-        p.current,
-        vms=tuple(vms[k] for k in sorted(vms)),
-        schedules=tuple(schedules[k] for k in sorted(schedules)),
-        networks=tuple(networks[k] for k in sorted(networks)),
-    )
+            self.networks[step.name] = target
+
+    def state(self, base: HostState) -> HostState:
+        return replace(
+            base,
+            vms=tuple(self.vms[k] for k in sorted(self.vms)),
+            schedules=tuple(self.schedules[k] for k in sorted(self.schedules)),
+            networks=tuple(self.networks[k] for k in sorted(self.networks)),
+        )
 
 
 def _as(value: object, kind: type[_T]) -> _T | None:

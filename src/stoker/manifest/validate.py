@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stoker.domain.quota import check_fits
+from stoker.domain.spec import NetworkMode, VMSpec
 from stoker.manifest.errors import Collector, did_you_mean
 from stoker.manifest.merge import merge_defaults
 from stoker.manifest.model import (
@@ -172,11 +173,31 @@ def _vms(
             name = raw.get("name")
             if isinstance(name, str) and not _unique(name, at, seen, "VM", c):
                 continue
-            entry = validate(VMEntry, merge_defaults(raw, defaults), c, doc, at.path)
+            joined = _join_network(merge_defaults(raw, defaults), at, c)
+            entry = validate(VMEntry, joined, c, doc, at.path) if joined is not None else None
             if entry is not None and not _quota_fits(entry, raw, at, default_at, c):
                 entry = None
             out.append(_VM(at, raw, entry))
     return out
+
+
+def _join_network(vm: dict[str, Any], at: _At, c: Collector) -> dict[str, Any] | None:
+    """``network_name = "lan"`` is short for ``network = { mode = "managed", name = "lan" }``
+    (other network keys, such as port forwards, still apply); None when the two disagree."""
+    name, network = vm.get("network_name"), vm.get("network")
+    if not isinstance(name, str) or (network is not None and not isinstance(network, dict)):
+        return vm  # wrong types are reported by validation
+    network = dict(network or {})
+    for key, want in (("mode", "managed"), ("name", name)):
+        if network.get(key, want) != want:
+            c.add(
+                at.doc,
+                (*at.path, "network_name"),
+                f"puts the VM on managed network {name!r}, but network.{key} says "
+                f"{network[key]!r}: give one of them",
+            )
+            return None
+    return {**vm, "network": {**network, "mode": "managed", "name": name}}
 
 
 def _quota_fits(
@@ -201,15 +222,21 @@ def _quota_fits(
 def _desired_vm(entry: VMEntry, at: _At) -> DesiredVM:
     quota = entry.quota if entry.quota is not None and not entry.quota.is_empty() else None
     policy = entry.snapshot_policy
+    spec = entry.vm_spec()
     return DesiredVM(
-        spec=entry.vm_spec(),
+        spec=spec,
         quota=quota,
         snapshot_policy=policy if policy is not None and not policy.is_empty() else None,
         warm_start=bool(entry.warm_start),
-        network_name=entry.network_name,
+        network_name=managed_network(spec),
         running=entry.running,
         origin=at.origin(),
     )
+
+
+def managed_network(spec: VMSpec) -> str | None:
+    """The managed network a VM is on (however the manifest said it), else None."""
+    return spec.network.name if spec.network.mode == NetworkMode.MANAGED else None
 
 
 # --------------------------------------------------------------------------- networks

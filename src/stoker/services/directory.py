@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.domain.refs import Candidate
 from stoker.domain.states import VMState
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, DriverError, ExitSignal, Unsupported, VMPaths
 from stoker.host.proc import is_same_live_process
 from stoker.services.errors import NotFound
+from stoker.services.refs import by_prefix
 from stoker.store.vms import VMStore
 
 
@@ -54,8 +56,18 @@ class VMDirectory:
         """A VM by id or by name, or None."""
         return self.store.get(ref, with_transitions=transitions)
 
-    def get(self, ref: str, transitions: int = 20) -> VM:
+    def lookup(self, ref: str, transitions: int = 0) -> VM | None:
+        """A VM by id, by name, or by a unique prefix of its id; None when none fits
+        (AmbiguousRef, a 409 listing them, when a prefix fits several)."""
         vm = self.store.get(ref, with_transitions=transitions)
+        if vm is not None:
+            return vm
+        candidates = (Candidate(v.id, v.name) for v in self.store.all())
+        vm_id = by_prefix("VM", ref, candidates)
+        return None if vm_id is None else self.store.get(vm_id, with_transitions=transitions)
+
+    def get(self, ref: str, transitions: int = 20) -> VM:
+        vm = self.lookup(ref, transitions)
         if vm is None:
             raise NotFound(f"no VM named or with id {ref!r}")
         return vm

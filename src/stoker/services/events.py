@@ -31,8 +31,20 @@ class EventBus:
     def publish(
         self, type: EventType, message: str, vm_id: str | None = None, **data: Any
     ) -> Event:
-        event = self.store.append(self.clock(), vm_id, type, message, data)
-        log.info(message, extra={"event": type, "vm_id": vm_id, "details": data or None})
+        event = self.record(type, message, vm_id, **data)
+        self.deliver(event)
+        return event
+
+    def record(self, type: EventType, message: str, vm_id: str | None = None, **data: Any) -> Event:
+        """Persist only (inside a caller's transaction, say); :meth:`deliver` after commit."""
+        return self.store.append(self.clock(), vm_id, type, message, data)
+
+    def deliver(self, event: Event) -> None:
+        """Hand a recorded event to the log, the queues and the listeners."""
+        log.info(
+            event.message,
+            extra={"event": event.type, "vm_id": event.vm_id, "details": event.data or None},
+        )
         for queue in list(self._queues):
             if queue.full():
                 queue.get_nowait()
@@ -41,13 +53,12 @@ class EventBus:
             try:
                 result = listener(event)
             except Exception:  # a listener bug must not break the publisher
-                log.exception("event listener failed", extra={"event": type})
+                log.exception("event listener failed", extra={"event": event.type})
                 continue
             if asyncio.iscoroutine(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
-        return event
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

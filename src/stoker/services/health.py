@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Annotated, Protocol
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -85,14 +85,16 @@ class HealthReport:
 
 
 class HealthConfig(WatchdogConfig):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     implicit_vmm_probe: bool = True
     vmm_interval_s: float = Field(default=30.0, gt=0, le=86_400)
     vmm_timeout_s: float = Field(default=1.0, gt=0, le=60)
     vmm_failure_threshold: int = Field(default=3, ge=1, le=1000)
     #: the commands exec probes may run, by name: a VM's spec chooses one, never an argv
-    commands: dict[str, list[str]] = Field(default_factory=dict)
+    commands: dict[str, list[Annotated[str, Field(max_length=4096)]]] = Field(
+        default_factory=dict, max_length=256
+    )
 
     @field_validator("commands")
     @classmethod
@@ -233,18 +235,22 @@ class HealthService:
         was = previous[0] if previous else Health.UNKNOWN
         if previous is not None and was == health:
             return
-        self.store.set_verdict(vm.id, health, self.clock(), reason)
-        if previous is None and health == Health.UNKNOWN:
-            return  # nothing was known before either: not worth an event
-        self.events.publish(
-            EventType.VM_HEALTH,
-            f"{vm.name}: {was.value} -> {health.value}: {reason}",
-            vm.id,
-            name=vm.name,
-            from_health=was.value,
-            to_health=health.value,
-            reason=reason,
-        )
+        # derived from probe results and re-made by the next one: one commit with its event,
+        # not waited onto the disk (it sits on the paths of stop and of death detection)
+        with self.store.db.write(durable=False):
+            self.store.set_verdict(vm.id, health, self.clock(), reason)
+            if previous is None and health == Health.UNKNOWN:
+                return  # nothing was known before either: not worth an event
+            event = self.events.record(
+                EventType.VM_HEALTH,
+                f"{vm.name}: {was.value} -> {health.value}: {reason}",
+                vm.id,
+                name=vm.name,
+                from_health=was.value,
+                to_health=health.value,
+                reason=reason,
+            )
+        self.events.deliver(event)
 
     # ------------------------------------------------------------------------ events
 

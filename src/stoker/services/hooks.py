@@ -44,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -76,19 +76,19 @@ Outcome = tuple[bool, str, dict[str, Any]]
 
 
 class HookConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str | None = None
-    events: list[str] = Field(default_factory=lambda: ["*"])
+    name: str | None = Field(default=None, max_length=128)
+    events: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
     kind: Literal["exec", "webhook", "python"]
-    argv: list[str] | None = None
-    url: str | None = None
-    entry_point: str | None = None
+    argv: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=256)
+    url: str | None = Field(default=None, max_length=2048)
+    entry_point: str | None = Field(default=None, max_length=256)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
     retries: int = Field(default=2, ge=0, le=20)
     veto: bool = False
-    vms: list[str] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
+    vms: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=1024)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
 
     @field_validator("events", mode="before")
     @classmethod
@@ -128,11 +128,11 @@ class HookConfig(BaseModel):
 
 
 class HooksConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     timeout_s: float = Field(default=10.0, gt=0, le=3600)
     entry_points: bool = True
-    hook: list[HookConfig] = Field(default_factory=list)
+    hook: list[HookConfig] = Field(default_factory=list, max_length=256)
 
     @field_validator("hook", mode="before")
     @classmethod

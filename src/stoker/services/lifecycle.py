@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from stoker.domain.events import EventType
+from stoker.domain.snapshots import SnapshotsOnDelete
 from stoker.domain.spec import VMSpec
+from stoker.domain.spec_changes import changed_fields, restart_fields
 from stoker.domain.states import (
     ACTIVE_STATES,
     Action,
@@ -42,14 +46,14 @@ from stoker.drivers.base import (
     NetAttachment,
     ProcessRecord,
     Unsupported,
+    VMIdentity,
     VMPaths,
 )
+from stoker.host.images import ImageRejected
 from stoker.host.proc import (
     ExitStatus,
-    find_processes_with_arg,
     is_same_live_process,
     kill,
-    read_start_time,
 )
 from stoker.services.directory import OwnedVMM, VMDirectory
 from stoker.services.errors import Conflict, InvalidSpec, NetworkError, StartVeto
@@ -105,10 +109,58 @@ class BootLimits(Protocol):
         """Limits a VMM can only take in its boot configuration (Firecracker's)."""
 
 
+class IdentityProvider(Protocol):
+    def identity(self, vm: VM) -> VMIdentity:
+        """The uid and gid the VM's VMM runs as (confinement); raises Conflict when none is
+        left."""
+
+
+class SavedBoot(Protocol):
+    @property
+    def state(self) -> Path:
+        """What the hypervisor restores from."""
+
+
+class WarmStarter(Protocol):
+    @property
+    def restore_timeout_s(self) -> float:
+        """A resume not running by then is given up: the start boots cold."""
+
+    async def warm_state(self, vm: VM) -> SavedBoot | None:
+        """A boot snapshot a start should resume instead of booting (its key matches)."""
+
+    async def verify(self, vm: VM, snapshot: Any) -> bool:
+        """Its checksum matches (read while the hypervisor loads it)."""
+
+    def failed(self, vm: VM, why: str) -> None:
+        """Resuming that state did not work: the start boots cold."""
+
+
+class ReadyObserver(Protocol):
+    async def guest_ready(self, vm: VM, vmm: VMM, restored: bool) -> None:
+        """The guest became ready after a spawn (never after a re-adoption): booted cold,
+        or resumed from saved state (``restored``)."""
+
+
 class SpecDefaults(Protocol):
     def complete(self, spec: VMSpec) -> VMSpec:
         """Fill in what the request left out (``spec.model_fields_set`` says what it gave):
         the network, above all, is the host's default network when the request names none."""
+
+
+class VMSnapshots(Protocol):
+    """A VM's snapshots as its deletion sees them (the snapshot housekeeping)."""
+
+    def vm_lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while a snapshot of the VM is taken, restored or removed; taken before the
+        lifecycle's own lock, never after it."""
+
+    def check_delete(self, vm: VM, mode: SnapshotsOnDelete | None) -> None:
+        """Raise Conflict when the deletion would lose snapshots nobody decided about, or
+        remove protected ones."""
+
+    async def on_delete(self, vm: VM, mode: SnapshotsOnDelete | None) -> None:
+        """Keep or remove the VM's snapshots; its VMM is gone, its directory goes next."""
 
 
 class NetworkAttacher(Protocol):
@@ -137,6 +189,10 @@ class Lifecycle:
         boot_limits: BootLimits | None = None,
         spec_defaults: Sequence[SpecDefaults] = (),
         network: NetworkAttacher | None = None,
+        identities: IdentityProvider | None = None,
+        vm_snapshots: VMSnapshots | None = None,
+        warm: WarmStarter | None = None,
+        ready_observers: Sequence[ReadyObserver] = (),
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.directory = directory
@@ -151,6 +207,10 @@ class Lifecycle:
         self.boot_limits = boot_limits
         self.spec_defaults = tuple(spec_defaults)
         self.network = network
+        self.identities = identities
+        self.vm_snapshots = vm_snapshots
+        self.warm = warm
+        self.ready_observers = tuple(ready_observers)
         self.clock = clock or (lambda: datetime.now(UTC))
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -158,23 +218,41 @@ class Lifecycle:
 
     # ----------------------------------------------------------------- the one path for state
 
-    async def set_state(self, vm_id: str, to: VMState, reason: str) -> VM:
-        """Check the transition table, persist with reason and UTC time, publish an event."""
+    async def set_state(
+        self,
+        vm_id: str,
+        to: VMState,
+        reason: str,
+        along: Sequence[Callable[[], object]] = (),
+        durable: bool = True,
+    ) -> VM:
+        """Check the transition table, persist with reason and UTC time, publish an event.
+
+        The state, its event and ``along`` (writes that belong to the same change: the VMM's
+        record cleared, its reservation released) commit in one transaction: one fsync on
+        the hot paths (a forced stop, a death), and never one without the others.
+        """
         vm = self._get(vm_id)
         if not (vm.state == to == S.ERROR):  # error -> error only restates why (give-up)
             check_transition(vm.state, to)
         at = self.clock()
-        if not self.vms.compare_and_set_state(vm_id, vm.state, to, reason, at):
-            raise Conflict(f"{vm.name} changed state while {to.value} was being recorded; retry")
-        self.events.publish(
-            EventType.VM_STATE,
-            f"{vm.name}: {vm.state.value} -> {to.value}: {reason}",
-            vm_id,
-            name=vm.name,
-            from_state=vm.state.value,
-            to_state=to.value,
-            reason=reason,
-        )
+        with self.vms.db.write(durable):
+            for write in along:
+                write()
+            if not self.vms.compare_and_set_state(vm_id, vm.state, to, reason, at):
+                raise Conflict(
+                    f"{vm.name} changed state while {to.value} was being recorded; retry"
+                )
+            event = self.events.record(
+                EventType.VM_STATE,
+                f"{vm.name}: {vm.state.value} -> {to.value}: {reason}",
+                vm_id,
+                name=vm.name,
+                from_state=vm.state.value,
+                to_state=to.value,
+                reason=reason,
+            )
+        self.events.deliver(event)
         async with self._changed:
             self._changed.notify_all()
         return self._get(vm_id)
@@ -212,16 +290,13 @@ class Lifecycle:
     # ------------------------------------------------------------------------------ create
 
     def validate_host(self, spec: VMSpec) -> None:
-        """Checks that need the host: files exist, the hypervisor can run this spec."""
-        for field, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
-            if path is not None and not Path(path).is_file():
-                raise InvalidSpec(field, f"no such file: {path}")
-        for index, drive in enumerate(spec.drives):
-            if not Path(drive.path).is_file():
-                raise InvalidSpec(f"drives[{index}].path", f"no such file: {drive.path}")
+        """Checks that need the host: the hypervisor can run this spec, and every file it
+        names is an image in a pool (the driver's check, which names the field)."""
         driver = self.driver_for(spec)
         try:
             driver.check(spec)
+        except ImageRejected as exc:
+            raise InvalidSpec(exc.field, str(exc).split(": ", 1)[1]) from exc
         except (DriverUnavailable, Unsupported) as exc:
             raise InvalidSpec("hypervisor", str(exc)) from exc
 
@@ -250,6 +325,63 @@ class Lifecycle:
         self.events.publish(EventType.VM_CREATED, f"{vm.name}: created", vm.id, name=vm.name)
         return self.get(vm.id)
 
+    # ------------------------------------------------------------------------- update
+
+    def complete_spec(self, spec: VMSpec) -> VMSpec:
+        """The spec as create would store it: what the request left out filled in (the
+        network above all), so a declared spec compares equal to the stored one."""
+        for defaults in self.spec_defaults:
+            spec = defaults.complete(spec)
+        return spec
+
+    def check_spec(self, spec: VMSpec) -> VMSpec:
+        """Create's validation without the write: completed, checked against the host and
+        by every create check; raises InvalidSpec or Conflict naming the field."""
+        spec = self.complete_spec(spec)
+        self.validate_host(spec)
+        for check in self.create_checks:
+            check.check_create(spec)
+        return spec
+
+    async def update_spec(self, ref: str, spec: VMSpec, reason: str = "spec updated") -> VM:
+        """Replace a VM's stored spec in place, validated as create validates one.
+
+        A VM without a VMM (pending, stopped, error) takes any change, for its next start.
+        A VM whose VMM runs takes only the live fields (``domain.spec_changes``): its VMM,
+        its re-adoption and its capacity reservation were made from the stored spec, so a
+        change that needs a restart is refused (stop it, or restart it with the change).
+        New probes reach a running VM's health checks at once."""
+        vm = self.get(ref, 0)
+        _refuse_unreadable(vm)
+        if spec.name != vm.name:
+            raise InvalidSpec("name", f"a VM cannot be renamed (this one is {vm.name!r})")
+        spec = self.check_spec(spec)
+        async with self._lock(vm.id):
+            vm = self._get(vm.id)
+            changed = changed_fields(vm.spec, spec)
+            if not changed:
+                return self.get(vm.id)
+            if vm.state in ACTIVE_STATES:
+                needs = restart_fields(vm.spec, spec)
+                if needs:
+                    raise Conflict(
+                        f"{vm.name} is {vm.state.value}: {', '.join(needs)} can only change "
+                        "with a restart; stop the VM first, or restart it with the change",
+                        current_state=vm.state.value,
+                    )
+            self.vms.update_spec(vm.id, spec)
+            self.events.publish(
+                EventType.VM_UPDATED,
+                f"{vm.name}: {reason} ({', '.join(changed)})",
+                vm.id,
+                name=vm.name,
+                changed=changed,
+            )
+            vmm = self.directory.vmm(vm.id)
+            if "probes" in changed and vm.state == S.RUNNING and vmm is not None:
+                await self._notify_up(vm.id, vmm)
+        return self.get(vm.id)
+
     # ------------------------------------------------------------------------------- start
 
     def _lock(self, vm_id: str) -> asyncio.Lock:
@@ -266,6 +398,7 @@ class Lifecycle:
         """Start a pending or stopped VM; with ``restore_from``, resume saved VMM state instead
         of booting (the snapshot service restores disks first)."""
         vm = self.get(ref, 0)
+        _refuse_unreadable(vm)
         async with self._lock(vm.id):
             vm = self._get(vm.id)
             check_action(Action.START, vm.state)
@@ -295,10 +428,16 @@ class Lifecycle:
         paths = self.paths(vm.id)
         driver = self.driver_for(vm.spec)
         limits = self.boot_limits.boot_limits(vm, driver.capabilities) if self.boot_limits else None
+        identity = self.identities.identity(vm) if self.identities else None
         try:
             attachment = await self.network.attach(vm) if self.network else None
-            boot = BootOptions(io_limits=limits, network=attachment)
-            if restore_from is not None:
+            boot = BootOptions(io_limits=limits, network=attachment, identity=identity)
+            warm = None
+            if restore_from is None and self.warm is not None:
+                warm = await self._warm_spawn(vm, driver, paths, boot)
+            if warm is not None:
+                vmm = warm
+            elif restore_from is not None:
                 vmm = await driver.restore(vm.id, vm.spec, paths, restore_from, boot)
             else:
                 vmm = await driver.spawn(vm.id, vm.spec, paths, boot)
@@ -313,7 +452,45 @@ class Lifecycle:
                 await observer.vmm_spawned(vm, vmm.record.pid)
             except Exception:
                 log.exception("a spawn observer failed", extra={"vm": vm.name})
-        self._own(vm, vmm, boot_state, restored=restore_from is not None)
+        self._own(vm, vmm, boot_state, restored=restore_from is not None or warm is not None)
+
+    async def _warm_spawn(
+        self, vm: VM, driver: Driver, paths: VMPaths, boot: BootOptions
+    ) -> VMM | None:
+        """Resume the VM's boot snapshot, if it has a valid one; on any failure discard it
+        (with the reason) so the caller boots cold."""
+        assert self.warm is not None
+        snapshot = await self.warm.warm_state(vm)
+        if snapshot is None:
+            return None
+        # the checksum is read while the hypervisor loads the state; the guest runs only
+        # once both are done and the checksum matches
+        verified = asyncio.create_task(self.warm.verify(vm, snapshot))
+        boot = replace(boot, restore_timeout_s=self.warm.restore_timeout_s, resume_restored=False)
+        try:
+            vmm = await driver.restore(vm.id, vm.spec, paths, snapshot.state, boot)
+        except (DriverError, Unsupported) as exc:
+            if await verified:
+                self.warm.failed(vm, str(exc))
+            return None
+        try:
+            if not await verified:
+                raise DriverError("checksum mismatch")
+            await vmm.resume()
+        except (DriverError, Unsupported) as exc:
+            await self._discard_vmm(vmm)
+            if verified.result():
+                self.warm.failed(vm, str(exc))
+            return None
+        self.events.publish(EventType.VM_WARM_START, f"{vm.name}: resumed its boot snapshot", vm.id)
+        return vmm
+
+    async def _discard_vmm(self, vmm: VMM) -> None:
+        """End a VMM nobody owns yet (its pid is not written down): kill, reap, close."""
+        await vmm.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(vmm.exit_signal().exited), KILL_WAIT_S)
+        await vmm.close()
 
     def _own(self, vm: VM, vmm: VMM, boot_state: VMState | None, restored: bool = False) -> None:
         owned = self.directory.own(vm.id, vmm)
@@ -359,14 +536,32 @@ class Lifecycle:
                 await self._boot_failed(vm_id, vmm, watch, str(ready.exception()))
                 return
             elif ready.exception() is None:
+                up = False
                 async with self._lock(vm_id):
                     if self._owns(vm_id, vmm) and self._get(vm_id).state == boot_state:
                         done = "restarted" if boot_state == S.RESTARTING else "guest ready"
                         await self.set_state(vm_id, S.RUNNING, done)
                         await self._notify_up(vm_id, vmm)
+                        up = True
+                if up:
+                    await self._notify_ready(vm_id, vmm, restored)
         with contextlib.suppress(asyncio.CancelledError):
             status = await watch.exited
             await self._vmm_exited(vm_id, vmm, status)
+
+    async def _notify_ready(self, vm_id: str, vmm: VMM, restored: bool) -> None:
+        """A cold-booted guest is ready: observers run under the VM's lock (a boot snapshot
+        pauses and saves it; no stop may come between). A resumed one: outside it (telling
+        it the time waits on the guest, and a stop must not wait for that)."""
+        async with self._lock(vm_id) if not restored else contextlib.nullcontext():
+            if not self._owns(vm_id, vmm) or self._get(vm_id).state != S.RUNNING:
+                return
+            vm = self._get(vm_id)
+            for observer in self.ready_observers:
+                try:
+                    await observer.guest_ready(vm, vmm, restored)
+                except Exception:
+                    log.exception("a ready observer failed", extra={"vm": vm.name})
 
     async def _notify_up(self, vm_id: str, vmm: VMM) -> None:
         vm = self._get(vm_id)
@@ -390,19 +585,29 @@ class Lifecycle:
             await self.set_state(vm_id, S.ERROR, reason)
 
     async def _vmm_exited(self, vm_id: str, vmm: VMM, status: ExitStatus) -> None:
+        """The VMM died on its own: record it first (the state, the cleared process record
+        and, for a guest power-off, the released reservation in one commit), then close the
+        VMM's connections, so detection costs no more than one write."""
         async with self._lock(vm_id):
             if not self._owns(vm_id, vmm):
                 return  # an operation that ended it on purpose handles it
-            await self._disown(vm_id)
+            self.directory.disown(vm_id)
             vm = self._get(vm_id)
+            forget = functools.partial(self.vms.set_process, vm_id, None)
             clean = vmm.powered_off_by_guest() and status.code in (0, None)
-            if vm.state == S.RUNNING and clean:
-                self.gate.release(vm_id)
-                await self.set_state(vm_id, S.STOPPED, "guest powered off")
-            elif vm.state == S.STARTING:
-                await self.set_state(vm_id, S.ERROR, f"{status.describe()} during boot")
-            elif vm.state in (S.RUNNING, S.RESTARTING):
-                await self.set_state(vm_id, S.ERROR, status.describe())
+            try:
+                if vm.state == S.RUNNING and clean:
+                    release = functools.partial(self.gate.release, vm_id)
+                    await self.set_state(vm_id, S.STOPPED, "guest powered off", (forget, release))
+                elif vm.state == S.STARTING:
+                    reason = f"{status.describe()} during boot"
+                    await self.set_state(vm_id, S.ERROR, reason, (forget,))
+                elif vm.state in (S.RUNNING, S.RESTARTING):
+                    await self.set_state(vm_id, S.ERROR, status.describe(), (forget,))
+                else:
+                    forget()
+            finally:
+                await vmm.close()
 
     async def _disown(self, vm_id: str) -> OwnedVMM | None:
         owned = self.directory.disown(vm_id)
@@ -417,6 +622,7 @@ class Lifecycle:
         self, ref: str, graceful: bool = True, timeout_s: float | None = None, reason: str = ""
     ) -> VM:
         vm = self.get(ref, 0)
+        _refuse_unreadable(vm)
         if vm.state == S.STOPPING and not graceful:
             # escalate a graceful stop already under way
             owned = self.directory.owned(vm.id)
@@ -429,10 +635,16 @@ class Lifecycle:
             if vm.state == S.ERROR:
                 await self._cleanup_error(vm)
             else:
-                await self.set_state(vm.id, S.STOPPING, reason or _stop_reason(graceful))
-                outcome = await self._end_vmm(vm, graceful, timeout_s)
-                self.gate.release(vm.id)
-                await self.set_state(vm.id, S.STOPPED, outcome)
+                # not waited onto the disk: the commit of ``stopped`` that ends this stop
+                # fsyncs the log with it (an agent crash loses nothing committed)
+                stopping = reason or _stop_reason(graceful)
+                await self.set_state(vm.id, S.STOPPING, stopping, durable=False)
+                outcome = await self._end_vmm(vm, graceful, timeout_s, forget=False)
+                along = (
+                    functools.partial(self.vms.set_process, vm.id, None),
+                    functools.partial(self.gate.release, vm.id),
+                )
+                await self.set_state(vm.id, S.STOPPED, outcome, along)
         return self.get(vm.id)
 
     async def _cleanup_error(self, vm: VM) -> None:
@@ -449,8 +661,12 @@ class Lifecycle:
             kill(process.pid)
         self.vms.set_process(vm.id, None)
 
-    async def _end_vmm(self, vm: VM, graceful: bool, timeout_s: float | None) -> str:
-        """Take the VMM from its supervisor and end it; return how it ended."""
+    async def _end_vmm(
+        self, vm: VM, graceful: bool, timeout_s: float | None, forget: bool = True
+    ) -> str:
+        """Take the VMM from its supervisor and end it; return how it ended. ``forget``
+        clears its process record now; a caller that records the outcome clears it in the
+        same commit instead."""
         owned = self.directory.disown(vm.id)
         if owned is None:
             return "no VMM was running"
@@ -473,7 +689,8 @@ class Lifecycle:
             except TimeoutError:
                 outcome += f" (still not gone after {KILL_WAIT_S:g} s)"
         await vmm.close()
-        self.vms.set_process(vm.id, None)
+        if forget:
+            self.vms.set_process(vm.id, None)
         self._cleanup_files(vm.id)
         return outcome
 
@@ -503,6 +720,7 @@ class Lifecycle:
         self, ref: str, graceful: bool = True, reason: str = "restart requested"
     ) -> VM:
         vm = self.get(ref, 0)
+        _refuse_unreadable(vm)
         async with self._lock(vm.id):
             vm = self._get(vm.id)
             check_action(Action.RESTART, vm.state)
@@ -519,16 +737,36 @@ class Lifecycle:
 
     # ------------------------------------------------------------------------------ delete
 
-    async def delete(self, ref: str, force: bool = False) -> None:
+    async def delete(
+        self, ref: str, force: bool = False, snapshots: SnapshotsOnDelete | None = None
+    ) -> None:
+        """Delete a VM (pending, stopped or error; ``force`` kills a running one first) and
+        its files. A VM with snapshots needs ``snapshots`` ("keep" or "delete"): snapshots
+        are backups and never go silently. The VM's snapshot lock is taken first, the order
+        snapshot work takes them in, so a snapshot being taken either finishes first (and
+        counts) or finds the VM gone."""
         vm = self.get(ref, 0)
-        async with self._lock(vm.id):
+        snapshot_lock = self.vm_snapshots.vm_lock(vm.id) if self.vm_snapshots else None
+        async with snapshot_lock or contextlib.nullcontext(), self._lock(vm.id):
             vm = self._get(vm.id)
-            if vm.state not in (S.PENDING, S.STOPPED, S.ERROR):
-                if not force:
-                    raise IllegalAction(Action.DELETE, vm.state)
+            running = vm.state not in (S.PENDING, S.STOPPED, S.ERROR)
+            if running and not force:
+                raise IllegalAction(Action.DELETE, vm.state)
+            if vm.unreadable is not None and not force:
+                process = vm.process
+                if process and is_same_live_process(process.pid, process.start_time):
+                    raise Conflict(
+                        f"{vm.name}'s record is unreadable and its VMM (pid {process.pid}) still "
+                        "runs: delete with force to kill it, or restore the database"
+                    )
+            if self.vm_snapshots is not None:
+                self.vm_snapshots.check_delete(vm, snapshots)
+            if running:
                 await self._end_vmm(vm, graceful=False, timeout_s=0)
             self._kill_recorded_process(vm)
             self.gate.release(vm.id)
+            if self.vm_snapshots is not None:
+                await self.vm_snapshots.on_delete(vm, snapshots)
             root = self.paths(vm.id).root
             await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
             self.vms.delete(vm.id)
@@ -549,9 +787,20 @@ class Lifecycle:
             except Exception as exc:  # one bad VM must not stop the agent
                 log.exception("recovery failed", extra={"vm": vm.name})
                 with contextlib.suppress(Exception):
-                    await self.set_state(
-                        vm.id, S.ERROR, f"recovery after agent restart failed: {exc}"
-                    )
+                    await self._recovery_failed(vm.id, exc)
+
+    async def _recovery_failed(self, vm_id: str, exc: Exception) -> None:
+        """A VM that was being stopped is stopped (its VMM killed: the operator asked for
+        that, and stopping -> error is no transition); any other is an error."""
+        vm = self._get(vm_id)
+        if vm.state == S.STOPPING:
+            self.directory.disown(vm_id)
+            self._kill_recorded_process(vm)
+            release = functools.partial(self.gate.release, vm_id)
+            why = f"stop finished after agent restart (re-adoption failed: {exc}); VMM killed"
+            await self.set_state(vm_id, S.STOPPED, why, (release,))
+        else:
+            await self.set_state(vm_id, S.ERROR, f"recovery after agent restart failed: {exc}")
 
     async def _recover_one(self, vm: VM) -> None:
         paths = self.paths(vm.id)
@@ -593,13 +842,7 @@ class Lifecycle:
 
     def _find_orphan(self, vm: VM, paths: VMPaths) -> ProcessRecord | None:
         """A VMM spawned just before the agent died, before its pid was written down."""
-        for pid in find_processes_with_arg(str(paths.control_socket)):
-            start = read_start_time(pid)
-            if start is not None:
-                return ProcessRecord(
-                    pid=pid, start_time=start, control_socket=str(paths.control_socket)
-                )
-        return None
+        return self.driver_for(vm.spec).orphan(vm.id, paths)
 
     async def shutdown(self) -> None:
         """The agent is stopping: let go of every VMM without touching it."""
@@ -620,6 +863,17 @@ async def _wait_running(vmm: VMM, timeout_s: float) -> None:
         if loop.time() >= deadline:
             raise BootFailed(f"restored VM was not running within {timeout_s:g} s")
         await asyncio.sleep(0.01)
+
+
+def _refuse_unreadable(vm: VM) -> None:
+    """Only a deletion acts on a VM whose stored record cannot be decoded: its spec is a
+    placeholder, and its recorded VMM must not be touched by anything else."""
+    if vm.unreadable is not None:
+        raise Conflict(
+            f"{vm.name}'s stored record is unreadable ({vm.unreadable}); delete the VM "
+            "(`stoker vm delete`) or restore the database from a backup (`stoker db restore`)",
+            current_state=vm.state.value,
+        )
 
 
 def _stop_reason(graceful: bool) -> str:

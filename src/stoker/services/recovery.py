@@ -40,15 +40,15 @@ AUTO = "auto-restart"
 class WatchdogConfig(BaseModel):
     """``[health]`` keys for the watchdogs (seconds)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    starting_timeout_s: float = Field(default=300.0, gt=0)
-    stopping_timeout_s: float = Field(default=120.0, gt=0)
-    restarting_timeout_s: float = Field(default=300.0, gt=0)
+    starting_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    stopping_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
+    restarting_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     watchdog_interval_s: float = Field(default=1.0, gt=0, le=60)
     #: when a VM's own boot/stop timeout is the tighter one, the lifecycle enforces it; the
     #: watchdog steps in only this much later (a backstop, not a race)
-    watchdog_grace_s: float = Field(default=5.0, ge=0)
+    watchdog_grace_s: float = Field(default=5.0, ge=0, le=3600)
 
 
 class Recovery:

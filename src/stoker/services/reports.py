@@ -29,6 +29,8 @@ from stoker.store.schedules import ScheduleStore
 from stoker.store.vms import VMStore
 
 LABEL_RE = re.compile(r"^(daily-\d{4}-\d{2}-\d{2}|weekly-\d{4}-W\d{2}|monthly-\d{4}-\d{2})$")
+#: reports start here: every label has a four-digit year, and nothing was measured before
+EARLIEST_DAY = date(1970, 1, 1)
 #: states in which a VM holds its reservation (vCPUs and memory are allocated to it)
 ALLOCATED_STATES = ("starting", "running", "restarting", "stopping")
 
@@ -88,8 +90,12 @@ class ReportGenerator:
         samples: SampleSource | None,
         predictor: Predictor | None = None,
         clock: Callable[[], datetime] | None = None,
+        keep: dict[str, int] | None = None,
     ) -> None:
+        """``keep``: how many reports of each period to keep on disk, newest first
+        (``[history] reports_keep_daily`` ...); a period not named keeps all."""
         self.db = db
+        self.keep = dict(keep or {})
         self.vms = VMStore(db)
         self.events = EventStore(db)
         self.schedules = ScheduleStore(db)
@@ -106,6 +112,12 @@ class ReportGenerator:
             raise InvalidSpec("period", f"{period!r} is not one of {', '.join(R.PERIODS)}")
         now = self.clock()
         when = day or now.astimezone(self.tz).date()
+        if when < EARLIEST_DAY:
+            raise InvalidSpec(
+                "date", f"{when.isoformat()} is before {EARLIEST_DAY}: nothing was measured then"
+            )
+        if when > now.astimezone(self.tz).date():  # checked first: far dates overflow
+            raise InvalidSpec("date", f"{when.isoformat()} is in the future: nothing measured yet")
         span = R.period_for(period, when, self.tz)
         if span.start > now:
             raise InvalidSpec("date", f"{when.isoformat()} is in the future: nothing measured yet")
@@ -121,15 +133,30 @@ class ReportGenerator:
         doc = self.build(span)
         self.dir.mkdir(parents=True, exist_ok=True)
         # JSON first: a listing keys on it, and the text is rendered from the same document
-        atomic_write_text(self.dir / f"{span.label}.json", json.dumps(doc, indent=2) + "\n")
-        atomic_write_text(self.dir / f"{span.label}.txt", render_text(doc))
+        atomic_write_text(
+            self.dir / f"{span.label}.json", json.dumps(doc, indent=2) + "\n", mode=0o600
+        )
+        atomic_write_text(self.dir / f"{span.label}.txt", render_text(doc), mode=0o600)
+        self._prune(span.period)
         return doc
+
+    def _prune(self, period: str) -> None:
+        """Bounded history: keep the newest ``keep[period]`` reports of the period."""
+        keep = self.keep.get(period)
+        if keep is None:
+            return
+        labels = sorted(
+            p.stem for p in self.dir.glob(f"{period}-*.json") if LABEL_RE.fullmatch(p.stem)
+        )
+        for label in labels[: max(0, len(labels) - keep)]:
+            for suffix in (".json", ".txt"):
+                (self.dir / f"{label}{suffix}").unlink(missing_ok=True)
 
     def all(self) -> list[dict[str, Any]]:
         """Reports on disk, newest period first."""
         out = []
         for path in sorted(self.dir.glob("*.json"), reverse=True):
-            if not LABEL_RE.match(path.stem):
+            if not LABEL_RE.fullmatch(path.stem):
                 continue
             try:
                 doc = json.loads(path.read_text())
@@ -151,7 +178,7 @@ class ReportGenerator:
         return out
 
     def get(self, label: str) -> tuple[dict[str, Any], str]:
-        if not LABEL_RE.match(label):
+        if not LABEL_RE.fullmatch(label):
             raise InvalidSpec(
                 "label", f"{label!r} is not daily-YYYY-MM-DD, weekly-YYYY-Www or monthly-YYYY-MM"
             )

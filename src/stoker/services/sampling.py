@@ -3,8 +3,9 @@
 CPU and memory come from the VMM process (QEMU and Firecracker report neither about the
 guest): CPU is the change in the process's utime+stime between two sweeps, memory its
 resident set. Disk counters come from the VMM (QMP query-blockstats). Network counters come
-from the TAP device on the host; QEMU's user-mode network has no host-side counter, so it is
-reported as unknown with that reason rather than as a zero that was never measured.
+from the TAP device on the host (the operator's, or the one of the VM's managed network);
+QEMU's user-mode network has no host-side counter, so it is reported as unknown with that
+reason rather than as a zero that was never measured.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stoker.domain import ipam
 from stoker.domain.spec import NetworkMode
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, DriverError, VMMStats
@@ -22,7 +24,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: a VMM that does not answer block stats this fast is skipped for this sweep, not waited on
 STATS_TIMEOUT_S = 2.0
-NET_ROOT = Path("/sys/class/net")
+#: per network namespace: what the agent's own namespace holds (sysfs shows the namespace it
+#: was mounted in, which is not the agent's when it runs under ``nsenter --net``)
+PROC_NET_DEV = Path("/proc/net/dev")
 
 USER_NET_REASON = "user-mode networking has no host-side counters"
 
@@ -53,18 +57,26 @@ def read_proc_usage(pid: int) -> ProcUsage | None:
     )
 
 
-def read_tap_counters(tap: str, root: Path = NET_ROOT) -> tuple[int, int] | None:
-    """(guest rx, guest tx) bytes of a TAP device, or None if it does not exist.
-
-    The host's view is mirrored: what the host transmits into the TAP the guest receives.
-    """
-    stats = root / tap / "statistics"
+def read_net_dev(source: Path = PROC_NET_DEV) -> dict[str, tuple[int, int]]:
+    """Every device's (guest rx, guest tx) bytes, as a TAP's guest sees them: what the host
+    transmits into a TAP the guest receives."""
     try:
-        host_tx = int((stats / "tx_bytes").read_text())
-        host_rx = int((stats / "rx_bytes").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return host_tx, host_rx
+        lines = source.read_text().splitlines()[2:]  # two header lines
+    except OSError:
+        return {}
+    counters = {}
+    for line in lines:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and len(fields) >= 9:
+            host_rx, host_tx = int(fields[0]), int(fields[8])
+            counters[name.strip()] = (host_tx, host_rx)
+    return counters
+
+
+def read_tap_counters(tap: str, source: Path = PROC_NET_DEV) -> tuple[int, int] | None:
+    """(guest rx, guest tx) bytes of a TAP device, or None if it does not exist."""
+    return read_net_dev(source).get(tap)
 
 
 @dataclass
@@ -97,6 +109,8 @@ class VMSampler:
 
     def __init__(self) -> None:
         self._marks: dict[str, _CpuMark] = {}
+        #: /proc/net/dev read once per sweep (every VM of a sweep shares its time ``t``)
+        self._net_dev: tuple[float, dict[str, tuple[int, int]]] | None = None
 
     def forget(self, vm_id: str) -> None:
         self._marks.pop(vm_id, None)
@@ -156,10 +170,17 @@ class VMSampler:
         elif network.mode == NetworkMode.NONE:
             reason = "the VM has no network device"
         else:
-            counters = read_tap_counters(network.tap or "")
+            # an operator's TAP, or the one stoker made on the VM's managed network
+            tap = network.tap if network.mode == NetworkMode.TAP else ipam.tap_name(vm.id)
+            counters = self._tap_counters(tap or "", reading.t)
             if counters is not None:
                 reading.net_rx_bytes, reading.net_tx_bytes = counters
                 return
-            reason = f"TAP device {network.tap} not found on the host"
+            reason = f"TAP device {tap} not found on the host"
         reading.unavailable["net_rx_bytes"] = reason
         reading.unavailable["net_tx_bytes"] = reason
+
+    def _tap_counters(self, tap: str, t: float) -> tuple[int, int] | None:
+        if self._net_dev is None or self._net_dev[0] != t:
+            self._net_dev = (t, read_net_dev())
+        return self._net_dev[1].get(tap)

@@ -40,6 +40,8 @@ class Database:
     def __init__(self, path: Path | str, migrations: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        #: nesting of ``write`` on the thread that holds the lock
+        self._depth = 0
         self.conn = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, timeout=10.0
         )
@@ -83,16 +85,42 @@ class Database:
                     raise
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: all of it or none of it."""
+    def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction: all of it or none of it.
+
+        A ``write`` inside another on the same thread joins it, so writes that belong to one
+        change (a state, its event, the VMM's record cleared) commit together: one fsync, and
+        no moment where one is on disk without the others. Never await inside one.
+
+        ``durable=False`` commits without waiting for the disk (WAL, ``synchronous=NORMAL``):
+        the change survives an agent crash (it is in the log the moment it commits) but not
+        a power cut until the next durable commit, whose fsync covers it. For what a later
+        step of the same operation makes durable anyway (``stopping`` before ``stopped``) or
+        what is derived and re-made on its own (a health verdict).
+        """
         with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            if not durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

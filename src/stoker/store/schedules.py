@@ -75,9 +75,22 @@ class AlreadyRunning(Exception):
     """The schedule has a run in progress; the caller decides whether that is an error."""
 
 
+#: runs kept per schedule (the oldest finished ones go); ``[history] runs_per_schedule``
+DEFAULT_MAX_RUNS = 1000
+
+
 class ScheduleStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_runs: int = DEFAULT_MAX_RUNS) -> None:
         self.db = db
+        self.max_runs = max_runs
+
+    def _bound(self, conn: sqlite3.Connection, schedule_id: str) -> None:
+        """Bounded history: finished runs beyond the newest ``max_runs`` go."""
+        conn.execute(
+            "DELETE FROM schedule_runs WHERE schedule_id = ? AND status != ? AND id <= (SELECT id"
+            " FROM schedule_runs WHERE schedule_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (schedule_id, RUNNING, schedule_id, self.max_runs),
+        )
 
     # ------------------------------------------------------------------------- schedules
 
@@ -174,6 +187,7 @@ class ScheduleStore:
                 )
                 run_id = int(cur.lastrowid or 0)
                 _advance(conn, schedule_id, [fire_at, *missed])
+                self._bound(conn, schedule_id)
         except sqlite3.IntegrityError:
             raise AlreadyRunning(schedule_id) from None
         run = self.run(run_id)
@@ -196,11 +210,13 @@ class ScheduleStore:
             _insert_missed(conn, schedule_id, missed, at)
             _insert_finished(conn, schedule_id, trigger, fire_at, at, status, message)
             _advance(conn, schedule_id, [fire_at, *missed])
+            self._bound(conn, schedule_id)
 
     def record_missed(self, schedule_id: str, missed: list[datetime], at: datetime) -> None:
         with self.db.write() as conn:
             _insert_missed(conn, schedule_id, missed, at)
             _advance(conn, schedule_id, list(missed))
+            self._bound(conn, schedule_id)
 
     def finish(
         self, run_id: int, status: str, at: datetime, message: str, results: list[dict[str, Any]]

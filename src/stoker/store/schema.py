@@ -7,7 +7,9 @@ they can grow independently.
 
 from __future__ import annotations
 
-from stoker.store import health, quotas, resources, schedules, snapshots
+from stoker.store import health, quotas, resources, schedules, snapshots, uids
+from stoker.store import manifests as manifests_store
+from stoker.store import networks as networks_store
 
 MIGRATIONS: list[str] = [
     # 1: VMs, their state history and the event log
@@ -50,4 +52,7 @@ MIGRATIONS: list[str] = [
     resources.SCHEMA,
     snapshots.SCHEMA,
     quotas.SCHEMA,
+    uids.SCHEMA,
+    networks_store.SCHEMA,
+    manifests_store.SCHEMA,
 ]

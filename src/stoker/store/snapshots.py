@@ -110,6 +110,10 @@ class SnapshotStore:
     def delete(self, snapshot_id: str) -> None:
         self._write("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
+    def set_path(self, snapshot_id: str, path: str) -> None:
+        """The snapshot's directory moved (kept when its VM was deleted)."""
+        self._write("UPDATE snapshots SET path = ? WHERE id = ?", (path, snapshot_id))
+
     # -------------------------------------------------------------------------- policies
 
     def get_policy(self, vm_id: str) -> PolicyRecord | None:

@@ -1,10 +1,16 @@
-"""VM rows and their state history."""
+"""VM rows and their state history.
+
+A row that cannot be decoded (a spec an older or damaged database holds, a bad state or
+date) never stops a listing, a loop or the agent's start: it reads back as a VM in ``error``
+with the reason "record unreadable", and the details are logged once.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from stoker.domain.process import ProcessRecord
@@ -13,14 +19,24 @@ from stoker.domain.states import VMState
 from stoker.domain.vm import VM, Transition
 from stoker.store.db import Database, dumps, from_iso, to_iso
 
+log = logging.getLogger("stoker.store")
+
+UNREADABLE = "record unreadable"
+#: state transitions kept per VM (the oldest go first); ``[history] transitions_per_vm``
+DEFAULT_MAX_TRANSITIONS = 1000
+#: ids of unreadable rows already logged: each is logged once per agent run, whichever of
+#: the stores reading the table (the lifecycle's, the reports') meets it first
+_LOGGED_UNREADABLE: set[str] = set()
+
 
 class NameTaken(Exception):
     pass
 
 
 class VMStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_transitions: int = DEFAULT_MAX_TRANSITIONS) -> None:
         self.db = db
+        self.max_transitions = max_transitions
         # spec JSON -> validated spec: a spec is validated when written, and re-validating
         # every row on every read made listing 1,000 VMs take tens of milliseconds
         self._specs: dict[str, VMSpec] = {}
@@ -49,6 +65,47 @@ class VMStore:
         return vm
 
     def _decode(self, row: sqlite3.Row, transitions: tuple[Transition, ...]) -> VM:
+        try:
+            return self._decode_strictly(row, transitions)
+        except Exception as exc:  # whatever is wrong with a stored row, the rest must load
+            return self._unreadable(row, exc)
+
+    def _unreadable(self, row: sqlite3.Row, exc: Exception) -> VM:
+        """A stand-in for a row that cannot be decoded: ``error``, a placeholder spec that is
+        never run, the recorded VMM (if that part reads) so a forced delete can end it."""
+        vm_id = str(row["id"])
+        name = row["name"] if isinstance(row["name"], str) else vm_id
+        detail = f"{type(exc).__name__}: {exc}"
+        if vm_id not in _LOGGED_UNREADABLE:
+            _LOGGED_UNREADABLE.add(vm_id)
+            log.error(
+                "VM %s (%s): stored record unreadable, shown in error; delete it or restore "
+                "the database from a backup: %s",
+                name,
+                vm_id,
+                detail,
+            )
+        process = None
+        try:
+            process = (
+                ProcessRecord.from_json(json.loads(row["process"])) if row["process"] else None
+            )
+        except Exception:
+            process = None
+        since = _time_or_epoch(row["state_since"])
+        return VM(
+            id=vm_id,
+            name=name,
+            spec=VMSpec.model_construct(name=name, kernel="/"),
+            state=VMState.ERROR,
+            state_reason=UNREADABLE,
+            state_since=since,
+            created_at=_time_or_epoch(row["created_at"]),
+            process=process,
+            unreadable=detail,
+        )
+
+    def _decode_strictly(self, row: sqlite3.Row, transitions: tuple[Transition, ...]) -> VM:
         return VM(
             id=row["id"],
             name=row["name"],
@@ -98,6 +155,11 @@ class VMStore:
         transitions = self.transitions(row["id"], with_transitions) if with_transitions else ()
         return self._vm(row, transitions)
 
+    def row_state(self, vm_id: str) -> str | None:
+        """The state word the row holds, even for an unreadable record."""
+        row = self.db.query_one("SELECT state FROM vms WHERE id = ?", (vm_id,))
+        return str(row["state"]) if row else None
+
     def all(self, state: VMState | None = None) -> list[VM]:
         if state is None:
             rows = self.db.query("SELECT * FROM vms ORDER BY name")
@@ -109,7 +171,7 @@ class VMStore:
         rows = self.db.query(
             "SELECT * FROM transitions WHERE vm_id = ? ORDER BY id DESC LIMIT ?", (vm_id, limit)
         )
-        return tuple(_transition(r) for r in rows)
+        return tuple(t for t in map(_transition_or_none, rows) if t is not None)
 
     def transitions_before(self, end: datetime) -> dict[str, list[Transition]]:
         """Every VM's transitions before ``end``, oldest first, keyed by VM id: reports need
@@ -117,7 +179,9 @@ class VMStore:
         rows = self.db.query("SELECT * FROM transitions WHERE at < ? ORDER BY id", (to_iso(end),))
         out: dict[str, list[Transition]] = {}
         for r in rows:
-            out.setdefault(r["vm_id"], []).append(_transition(r))
+            transition = _transition_or_none(r)
+            if transition is not None:
+                out.setdefault(r["vm_id"], []).append(transition)
         return out
 
     def compare_and_set_state(
@@ -136,6 +200,12 @@ class VMStore:
                 "INSERT INTO transitions (vm_id, from_state, to_state, reason, at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (vm_id, expected.value, new.value, reason, to_iso(at)),
+            )
+            # bounded history: the oldest transitions beyond the limit go
+            conn.execute(
+                "DELETE FROM transitions WHERE vm_id = ? AND id <= (SELECT id FROM transitions"
+                " WHERE vm_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (vm_id, vm_id, self.max_transitions),
             )
         return True
 
@@ -177,6 +247,21 @@ class VMStore:
     def count(self) -> int:
         row = self.db.query_one("SELECT COUNT(*) FROM vms")
         return int(row[0]) if row else 0
+
+
+def _time_or_epoch(text: Any) -> datetime:
+    try:
+        return from_iso(text) or datetime(1970, 1, 1, tzinfo=UTC)
+    except (TypeError, ValueError):
+        return datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _transition_or_none(row: sqlite3.Row) -> Transition | None:
+    """A transition row, or None (skipped) when it cannot be decoded."""
+    try:
+        return _transition(row)
+    except (TypeError, ValueError):
+        return None
 
 
 def _transition(row: sqlite3.Row) -> Transition:

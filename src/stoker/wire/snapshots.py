@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from stoker.domain.spec import NAME_PATTERN
 from stoker.wire.vms import VMOut
 
 
 class CreateSnapshot(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["manual", "pre-update"] = Field(
         default="manual",
@@ -20,7 +21,7 @@ class CreateSnapshot(BaseModel):
     tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$")]] = Field(
         default_factory=list, max_length=16
     )
-    protected: bool | None = Field(
+    protected: StrictBool | None = Field(
         default=None, description="never removed by pruning (default: true for pre-update)"
     )
 
@@ -54,13 +55,29 @@ class SnapshotOut(BaseModel):
     files: list[FileOut] | None = None
 
 
+class RestoreRequest(BaseModel):
+    """Restore into the snapshot's own VM (no body), or into a new VM named ``as``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    as_: str | None = Field(
+        default=None,
+        alias="as",
+        pattern=NAME_PATTERN,
+        description="create a new VM with this name from the snapshot (its disks are copied "
+        "beside the snapshotted VM's disks, named <name>-vd<i>.<format>); the snapshot's "
+        "own VM, if it still exists, is left alone",
+        examples=["web-restored"],
+    )
+
+
 class RestoreOut(BaseModel):
     snapshot: SnapshotOut
     vm: VMOut
 
 
 class PolicyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retention: str | None = Field(
         default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
@@ -28,6 +28,15 @@ class RestartInfo(BaseModel):
     next_retry_at: datetime | None
 
 
+class BootSnapshotOut(BaseModel):
+    """A boot snapshot: what a warm start resumes instead of booting."""
+
+    ready: bool
+    size_bytes: int
+    created_at: datetime
+    key: str
+
+
 class VMOut(BaseModel):
     id: str
     name: str
@@ -40,15 +49,24 @@ class VMOut(BaseModel):
     restart: RestartInfo
     spec: VMSpec
     transitions: list[TransitionOut] = Field(default_factory=list)
+    boot_snapshot: BootSnapshotOut | None = Field(
+        default=None,
+        description="the VM's boot snapshot for warm starts, when it has one (shown for one "
+        "VM, not in listings)",
+    )
 
 
 class StopRequest(BaseModel):
-    graceful: bool = True
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    graceful: StrictBool = True
     timeout_s: float | None = Field(default=None, gt=0, le=86_400)
 
 
 class RestartRequest(BaseModel):
-    graceful: bool = True
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    graceful: StrictBool = True
 
 
 class ConsoleOut(BaseModel):

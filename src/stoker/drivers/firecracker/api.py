@@ -311,12 +311,14 @@ class FirecrackerAPI:
         resume_vm: bool = True,
         track_dirty_pages: bool = False,
         network_overrides: list[dict[str, str]] | None = None,
+        clock_realtime: bool = False,
         timeout_s: float = 120.0,
     ) -> None:
         """Only on a fresh process; a failed load ends the process.
 
         Uses ``mem_backend`` (File): the spec marks ``mem_file_path`` deprecated and forbids
-        sending both.
+        sending both. ``clock_realtime`` (x86_64 only) advances the guest's kvmclock by the
+        wall-clock time since the snapshot, so a restored guest's clock is right.
         """
         body: dict[str, Any] = {
             "snapshot_path": snapshot_path,
@@ -326,6 +328,8 @@ class FirecrackerAPI:
         }
         if network_overrides:
             body["network_overrides"] = network_overrides
+        if clock_realtime:
+            body["clock_realtime"] = True
         await self._put("/snapshot/load", body, timeout_s)
 
     # ------------------------------------------------------------------ queries

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,12 @@ from stoker.drivers.firecracker.api import (
     SnapshotType,
 )
 from stoker.drivers.firecracker.exitcodes import exit_reason
+from stoker.host.confine import minimal_env
+from stoker.host.images import ImagePolicy, check_image
 from stoker.host.proc import (
     ExitStatus,
     ExitWatch,
+    find_processes_with_arg,
     is_same_live_process,
     read_start_time,
     spawn_detached,
@@ -74,10 +78,13 @@ DISABLED_BUCKET: dict[str, int] = {"size": 0, "refill_time": 0}
 
 @dataclass(frozen=True)
 class JailerConfig:
-    """Run Firecracker through the jailer: chroot, unprivileged uid/gid, cgroup, netns."""
+    """Run Firecracker through the jailer: chroot, unprivileged uid/gid, cgroup, netns.
 
-    uid: int
-    gid: int
+    ``uid``/``gid`` None (the default): each VM runs as its own ids (``BootOptions.identity``,
+    from ``[security] vm_uid_range``), as a confined QEMU does."""
+
+    uid: int | None = None
+    gid: int | None = None
     binary: str = "jailer"
     chroot_base: Path = jl.DEFAULT_CHROOT_BASE
     cgroup_version: int | None = None  # None: 2 if /sys/fs/cgroup is cgroup2, else 1
@@ -102,6 +109,8 @@ class FirecrackerOptions:
 
     binary: str | None = None  # None: $STOKER_FIRECRACKER_BIN, else `firecracker` on PATH
     jailer: JailerConfig | None = None
+    #: where kernels, initrds and disks may come from; None accepts any path (tests only)
+    images: ImagePolicy | None = None
     kvm_device: Path = Path("/dev/kvm")
     #: also run a guest instruction (stoker.host.kvm): /dev/kvm can exist where guests hang
     probe_kvm: bool = True
@@ -433,6 +442,18 @@ class FirecrackerVMM:
             for drive in config.get("drives", [])
         )
 
+    async def sync_guest_clock(self, now: datetime, timeout_s: float) -> None:
+        """Firecracker has no guest agent channel. On x86_64 its snapshot load already
+        advanced the guest's kvmclock to now (``clock_realtime``); a guest learns that it was
+        restored from its VM generation ID (where the guest kernel supports it) and runs its
+        own resume work from there. Elsewhere: nothing stoker can do from the host."""
+        if self.config.arch == "x86_64" and self.record.facts.get("restored"):
+            return
+        raise Unsupported(
+            "Firecracker has no guest agent to tell a restored guest the time",
+            "run time synchronisation in the guest (it sees its VM generation ID change)",
+        )
+
     async def cancel_state_save(self) -> bool:
         """``PUT /snapshot/create`` finishes inside Firecracker even when its caller died:
         there is never a save left running to cancel."""
@@ -461,8 +482,15 @@ class FirecrackerVMM:
                 shutil.move(where / name, dest / name)
 
     async def close(self) -> None:
+        """Drop the connection; once the process has exited, also its jail (bind mounts
+        first), so nothing of it stays mounted on the host."""
+        exited = self.exited.done() and not self.exited.cancelled()
         self.watch.cancel()
         await self.api.aclose()
+        root = self.jail_root
+        if exited and root is not None:
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(jl.clean_jail, jl.JailPaths(base=root.parent, root=root))
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -505,6 +533,9 @@ class FirecrackerDriver:
             probe = cached_probe()
             if not probe.usable:
                 raise DriverUnavailable(f"KVM cannot run guests here: {probe.reason}")
+        if cfg.images is not None:
+            for name, path in image_paths(spec):
+                check_image(cfg.images, name, path)
         if spec.accel == "tcg":
             raise Unsupported("Firecracker runs on KVM only: accel 'tcg' needs the qemu driver")
         if spec.network.mode == NetworkMode.USER:
@@ -544,7 +575,7 @@ class FirecrackerDriver:
         own message (the FirecrackerAPIError is the cause).
         """
         self.check(spec)
-        vmm, files = await self._launch(vm_id, spec, paths, restored=False)
+        vmm, files = await self._launch(vm_id, spec, paths, boot, restored=False)
         try:
             await self._configure(vmm, vm_id, spec, files, boot)
         except BaseException as exc:
@@ -573,7 +604,7 @@ class FirecrackerDriver:
         for name in (SNAPSHOT_STATE, SNAPSHOT_MEMORY):
             if not (state / name).is_file():
                 raise DriverError(f"no snapshot at {state}: {state / name} is missing")
-        vmm, _ = await self._launch(vm_id, spec, paths, restored=True)
+        vmm, _ = await self._launch(vm_id, spec, paths, boot, restored=True)
         try:
             snap = self._link_snapshot(vmm, state)
             await self._logging(vmm)
@@ -584,9 +615,11 @@ class FirecrackerDriver:
             await vmm.api.snapshot_load(
                 snap[SNAPSHOT_STATE],
                 snap[SNAPSHOT_MEMORY],
-                resume_vm=True,
+                resume_vm=boot.resume_restored,
                 track_dirty_pages=self.config.track_dirty_pages,
                 network_overrides=overrides,
+                # the spec: x86_64 only; advances kvmclock to the host's time
+                clock_realtime=self.config.arch == "x86_64",
             )
         except BaseException as exc:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -601,6 +634,14 @@ class FirecrackerDriver:
             raise
         return vmm
 
+    def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
+        """A Firecracker of this VM started just before the agent died: its ``--id``."""
+        for pid in find_processes_with_arg(vm_id):
+            start = read_start_time(pid)
+            if start is not None:
+                return ProcessRecord(pid, start, str(paths.control_socket))
+        return None
+
     async def adopt(self, spec: VMSpec, paths: VMPaths, record: ProcessRecord) -> FirecrackerVMM:
         if not is_same_live_process(record.pid, record.start_time):
             raise DriverError(
@@ -614,7 +655,7 @@ class FirecrackerDriver:
     # ---- internals
 
     async def _launch(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, restored: bool
+        self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions, restored: bool
     ) -> tuple[FirecrackerVMM, dict[str, str]]:
         """Start the process, record it, wait for its API; return the handle and file names."""
         cfg = self.config
@@ -632,9 +673,11 @@ class FirecrackerDriver:
             argv = [binary, "--api-sock", str(socket), "--id", vm_id]
         else:
             jc = cfg.jailer
+            uid, gid = _jail_ids(jc, boot)
             jail = jl.jail_paths(jc.chroot_base, binary, vm_id)
             socket = jail.api_socket
-            files = self._jail_files(spec, jail, jc)
+            files = await asyncio.to_thread(self._jail_files, spec, jail, uid, gid)
+            facts["jail_uid"], facts["jail_gid"] = uid, gid
             facts["jail_root"] = str(jail.root)
             facts["log_path"] = str(jail.host("/vmm.log"))
             facts["metrics_path"] = str(jail.host("/" + METRICS_FILE))
@@ -645,8 +688,8 @@ class FirecrackerDriver:
                 jailer=resolve_binary(jc.binary) or jc.binary,
                 exec_file=binary,
                 vm_id=vm_id,
-                uid=jc.uid,
-                gid=jc.gid,
+                uid=uid,
+                gid=gid,
                 firecracker_args=["--api-sock", jl.JAIL_API_SOCKET],
                 chroot_base=jc.chroot_base,
                 cgroup_version=jc.version(),
@@ -667,7 +710,7 @@ class FirecrackerDriver:
         with contextlib.suppress(FileNotFoundError):
             socket.unlink()
         try:
-            popen = spawn_detached(argv, paths.console, cwd=paths.root)
+            popen = spawn_detached(argv, paths.console, cwd=paths.root, env=minimal_env())
         except OSError as exc:
             raise BootFailed(f"cannot start {argv[0]}: {exc}") from exc
         child: subprocess.Popen[bytes] | None = popen
@@ -727,15 +770,40 @@ class FirecrackerDriver:
             files[drive_id] = spec.drives[i].path
         return files
 
-    def _jail_files(self, spec: VMSpec, jail: jl.JailPaths, jc: JailerConfig) -> dict[str, str]:
-        """Link kernel, initrd and disks into the jail; return their in-jail paths."""
-        jl.prepare_jail(jail, jc.uid, jc.gid)
-        files = {"kernel": jl.link_into_jail(Path(spec.kernel), jail, "vmlinux", jc.uid, jc.gid)}
+    def _jail_files(self, spec: VMSpec, jail: jl.JailPaths, uid: int, gid: int) -> dict[str, str]:
+        """Put kernel, initrd and disks into the jail; return their in-jail paths.
+
+        Read-only files are copied (reflinked where the file system can). A writable drive is
+        bind-mounted: the VM writes the disk itself, not a copy that would vanish with the
+        jail, so it must already be writable by the VM's uid; stoker never re-owns a pool
+        image to make it so.
+        """
+        if jail.base.exists():  # left by an earlier run of this VM (an agent that died)
+            jl.clean_jail(jail)
+        jl.prepare_jail(jail, uid, gid)
+        files = {
+            "kernel": jl.place_in_jail(Path(spec.kernel), jail, "vmlinux", uid, gid, writable=False)
+        }
         if spec.initrd:
-            files["initrd"] = jl.link_into_jail(Path(spec.initrd), jail, "initrd", jc.uid, jc.gid)
+            files["initrd"] = jl.place_in_jail(
+                Path(spec.initrd), jail, "initrd", uid, gid, writable=False
+            )
         for drive_id, i, _ in drive_layout(spec):
-            files[drive_id] = jl.link_into_jail(
-                Path(spec.drives[i].path), jail, drive_id, jc.uid, jc.gid
+            drive = spec.drives[i]
+            if drive.read_only:
+                files[drive_id] = jl.place_in_jail(
+                    Path(drive.path), jail, drive_id, uid, gid, writable=False
+                )
+                continue
+            if not os.access(drive.path, os.W_OK) or os.stat(drive.path).st_uid != uid:
+                raise DriverError(
+                    f"drive {i} ({drive.path}) is writable for the VM, so the jailed "
+                    f"Firecracker writes the file itself and it must belong to the VM's uid "
+                    f"{uid} (chown {uid}:{gid} it, or mark the drive read_only); stoker never "
+                    "re-owns a pool image"
+                )
+            files[drive_id] = jl.place_in_jail(
+                Path(drive.path), jail, drive_id, uid, gid, writable=True, method="bind"
             )
         return files
 
@@ -743,10 +811,10 @@ class FirecrackerDriver:
         root = vmm.jail_root
         if root is None or self.config.jailer is None:
             return {n: str(state / n) for n in (SNAPSHOT_STATE, SNAPSHOT_MEMORY)}
-        jc = self.config.jailer
+        uid, gid = int(vmm.record.facts["jail_uid"]), int(vmm.record.facts["jail_gid"])
         jail = jl.JailPaths(base=root.parent, root=root)
         return {
-            n: jl.link_into_jail(state / n, jail, n, jc.uid, jc.gid)
+            n: jl.place_in_jail(state / n, jail, n, uid, gid, writable=False)
             for n in (SNAPSHOT_STATE, SNAPSHOT_MEMORY)
         }
 
@@ -754,8 +822,8 @@ class FirecrackerDriver:
         """Logger and metrics: the only resources allowed before a snapshot load, too."""
         for f in (vmm.log_path, vmm.metrics_path):
             f.touch(exist_ok=True)  # Firecracker opens these files but never creates them
-            if self.config.jailer is not None and os.geteuid() == 0:
-                os.chown(f, self.config.jailer.uid, self.config.jailer.gid)
+            if "jail_uid" in vmm.record.facts and os.geteuid() == 0:
+                os.chown(f, int(vmm.record.facts["jail_uid"]), int(vmm.record.facts["jail_gid"]))
         await vmm.api.put_logger(vmm._in_vmm(vmm.log_path), level=self.config.log_level)
         await vmm.api.put_metrics(vmm._in_vmm(vmm.metrics_path))
 
@@ -834,3 +902,24 @@ def _nic(spec: VMSpec, boot: BootOptions) -> tuple[str, str | None] | None:
     if spec.network.mode == NetworkMode.MANAGED and boot.network is not None:
         return boot.network.tap, boot.network.mac
     return None
+
+
+def _jail_ids(jailer: JailerConfig, boot: BootOptions) -> tuple[int, int]:
+    """The VM's own ids when confinement gives it some, else the jailer's configured ones."""
+    if boot.identity is not None:
+        return boot.identity.uid, boot.identity.gid
+    if jailer.uid is not None and jailer.gid is not None:
+        return jailer.uid, jailer.gid
+    raise DriverError(
+        "the jailer needs a uid and gid: turn [security] confine on (each VM gets its own) "
+        "or set them in the jailer settings"
+    )
+
+
+def image_paths(spec: VMSpec) -> list[tuple[str, str]]:
+    """(field, path) of every file a spec names."""
+    named = [("kernel", spec.kernel)]
+    if spec.initrd:
+        named.append(("initrd", spec.initrd))
+    named += [(f"drives[{i}].path", d.path) for i, d in enumerate(spec.drives)]
+    return named

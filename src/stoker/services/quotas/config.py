@@ -18,13 +18,16 @@ from stoker.host.cgroups import DEFAULT_ROOT
 class QuotasConfig(Quota):
     """Default limits (the :class:`Quota` fields) and the knobs of enforcement and monitoring."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cgroup_root: Path = DEFAULT_ROOT
-    cgroup_parent: str = Field(default="stoker", description="parent of the per-VM cgroups")
+    cgroup_parent: str = Field(
+        default="stoker", max_length=255, description="parent of the per-VM cgroups"
+    )
     memory_overhead_mib: int = Field(
         default=DEFAULT_QEMU_OVERHEAD_BYTES // MiB,
         ge=16,
+        le=1024 * 1024,
         description="VMM memory above guest RAM allowed by the cgroup limit",
     )
     monitor_interval_s: float = Field(default=10.0, gt=0, le=3600)

@@ -2,8 +2,10 @@
 
 A CPU cap and a memory limit go on the VMM's own cgroup, disk rates on a QEMU throttle group
 (or Firecracker's drive limiter), network rates on tc for a QEMU TAP (or Firecracker's
-interface limiter). Every limit is read back after it is set: a limit that does not take
-effect is a failure with the reason, never a silent success.
+interface limiter), and packets per second on a managed network's TAP with nftables (tc here
+cannot count packets; a netdev chain on the TAP's ingress and egress hooks can). Every limit
+is read back after it is set: a limit that does not take effect is a failure with the
+reason, never a silent success.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from stoker.domain import ipam
 from stoker.domain.quota import (
     CGROUP_FIELDS,
     DISK_RATE_FIELDS,
@@ -34,7 +37,7 @@ from stoker.domain.units import (
 )
 from stoker.domain.vm import VM
 from stoker.drivers.base import VMM, Capabilities, DriverError, IOLimits, Unsupported
-from stoker.host import netlimits
+from stoker.host import firewall, netlimits
 from stoker.host.cgroups import CgroupBackend, CgroupError
 from stoker.services.quotas.errors import QuotaApplyError
 from stoker.services.quotas.placement import VMCgroups
@@ -68,8 +71,25 @@ def to_io_limits(quota: Quota, caps: Capabilities) -> IOLimits:
     )
 
 
+#: network modes whose VM has a TAP on the host
+TAP_MODES = (NetworkMode.TAP, NetworkMode.MANAGED)
+
+
 def _host_shapes_tap(spec: VMSpec, caps: Capabilities) -> bool:
-    return spec.network.mode == NetworkMode.TAP and not vmm_enforces_network(caps)
+    return spec.network.mode in TAP_MODES and not vmm_enforces_network(caps)
+
+
+def _host_limits_packets(spec: VMSpec, caps: Capabilities) -> bool:
+    """Only on a managed network's TAP, which stoker made (an operator's own TAP keeps the
+    plan's refusal, which names the alternative)."""
+    return spec.network.mode == NetworkMode.MANAGED and not vmm_enforces_network(caps)
+
+
+def tap_of(vm: VM) -> str:
+    """The VM's TAP on the host: the operator's, or the one of its managed network."""
+    if vm.spec.network.mode == NetworkMode.TAP and vm.spec.network.tap:
+        return vm.spec.network.tap
+    return ipam.tap_name(vm.id)
 
 
 class Enforcer:
@@ -132,6 +152,8 @@ class Enforcer:
         await _apply_vmm_limits(vm, vmm, quota, caps, enforcement, applied)
         if _host_shapes_tap(spec, caps):
             await asyncio.to_thread(_shape_tap, vm, quota, applied)
+        if _host_limits_packets(spec, caps):
+            await asyncio.to_thread(_limit_packets, vm, quota, applied)
         if quota.disk_gib is not None:
             applied.enforced["disk_gib"] = enforcement.enforced["disk_gib"]
         if applied.failed:
@@ -175,7 +197,7 @@ async def _apply_vmm_limits(
     """Disk rates (and network rates, for a VMM that limits them) are enforced by the VMM
     itself, which reads them back."""
     spec = vm.spec
-    own_network = spec.network.mode == NetworkMode.TAP and vmm_enforces_network(caps)
+    own_network = spec.network.mode in TAP_MODES and vmm_enforces_network(caps)
     fields = [
         *(DISK_RATE_FIELDS if spec.drives and caps.disk_throttle else ()),
         *(NETWORK_FIELDS if own_network else ()),
@@ -195,8 +217,7 @@ async def _apply_vmm_limits(
 
 def _shape_tap(vm: VM, quota: Quota, applied: Applied) -> None:
     """tc tbf on a QEMU TAP in both directions, checked against what the kernel shows."""
-    tap = vm.spec.network.tap
-    assert tap is not None
+    tap = tap_of(vm)
     try:
         if quota.network_mbps is None:
             netlimits.clear_limits(tap)
@@ -216,6 +237,31 @@ def _shape_tap(vm: VM, quota: Quota, applied: Applied) -> None:
     else:
         applied.enforced["network_mbps"] = (
             f"tc tbf {rate} B/s (burst {burst} B) on {tap} and its ifb, both directions"
+        )
+
+
+def _limit_packets(vm: VM, quota: Quota, applied: Applied) -> None:
+    """nftables packet limits on a managed TAP, both directions, read back from the kernel's
+    ruleset; no quota removes them."""
+    tap = tap_of(vm)
+    pps = quota.network_pps
+    wanted = firewall.TapLimits(vm.id, tap, guest_rx_pps=pps, guest_tx_pps=pps)
+    rules = firewall.Firewall()
+    try:
+        rules.set_limits(wanted)
+        seen = rules.state().limits_of(vm.id)
+    except firewall.FirewallError as exc:
+        _fail_or_log(applied, "network_pps", pps, exc)
+        return
+    if pps is None:
+        return
+    if seen != [wanted]:
+        applied.failed["network_pps"] = (
+            f"nftables shows {seen} for {tap}, not {pps} packets/s in each direction"
+        )
+    else:
+        applied.enforced["network_pps"] = (
+            f"nftables limit {pps} packets/s on {tap}, each direction (netdev ingress and egress)"
         )
 
 

@@ -15,13 +15,17 @@ from stoker.domain.units import MiB, parse_duration
 class ResourcesConfig(BaseModel):
     """The ``[resources]`` section (env: ``STOKER_RESOURCES__<KEY>``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_vms: int = Field(default=50, ge=0, le=100_000)
     cpu_overcommit: float = Field(default=2.0, gt=0, le=100)
     memory_headroom: float = Field(default=0.20, ge=0, lt=1)
-    host_cpus: int | None = Field(default=None, ge=1, description="override the host's count")
-    host_memory_mib: int | None = Field(default=None, ge=1, description="override host memory")
+    host_cpus: int | None = Field(
+        default=None, ge=1, le=65_536, description="override the host's count"
+    )
+    host_memory_mib: int | None = Field(
+        default=None, ge=1, le=1024**3, description="override host memory"
+    )
     interval_s: float = Field(default=60.0, ge=1, le=3600)
     history_s: float = Field(default=86_400.0, ge=60, le=90 * 86_400)
     prediction_window_s: float = Field(default=3600.0, ge=10, le=90 * 86_400)

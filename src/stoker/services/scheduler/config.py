@@ -61,14 +61,14 @@ def host_tz_name(environ: dict[str, str] | None = None, etc: Path = Path("/etc")
 class SchedulerConfig(BaseModel):
     """The ``[scheduler]`` section of the agent config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     tz: ZoneName | None = Field(default=None, description="default zone; default: the host's")
     grace_s: float = Field(default=600.0, ge=0, le=7 * 86400)
     tick_s: float = Field(default=30.0, gt=0, le=3600, description="longest sleep between checks")
     default_report: bool = Field(default=True, description="install the daily report schedule")
-    report_cron: str = "5 0 * * *"
+    report_cron: str = Field(default="5 0 * * *", max_length=256)
     stop_grace_s: float = Field(
         default=10.0, ge=0, le=600, description="how long running actions may finish at stop"
     )

@@ -17,10 +17,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from stoker.domain.refs import Candidate
 from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.errors import Conflict, InvalidSpec, NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.refs import by_prefix
 from stoker.services.reports import ReportGenerator
 from stoker.services.scheduler.actions import Actions, AutoSnapshots, Clock, Sleep, label
 from stoker.services.scheduler.config import SchedulerConfig
@@ -71,6 +73,10 @@ class Scheduler(ScheduleLoop):
 
     def get(self, ref: str) -> ScheduleRecord:
         row = self.store.get(ref)
+        if row is None:
+            candidates = (Candidate(r.id, r.name or r.action) for r in self.store.all())
+            found = by_prefix("schedule", ref, candidates)
+            row = None if found is None else self.store.get(found)
         if row is None:
             raise NotFound(f"no schedule named or with id {ref!r}")
         return row
@@ -143,7 +149,7 @@ class Scheduler(ScheduleLoop):
             )
         if spec.vm is None:
             return None
-        vm = self.lifecycle.directory.find(spec.vm)
+        vm = self.lifecycle.directory.lookup(spec.vm)
         if vm is None:
             raise InvalidSpec("vm", f"no VM named or with id {spec.vm!r}")
         return vm.name

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from stoker.domain import cron
 from stoker.domain.report import PERIODS
-from stoker.domain.spec import LABEL_KEY_RE, NAME_PATTERN
+from stoker.domain.spec import CONTROL_RE, LABEL_KEY_RE, NAME_PATTERN
 from stoker.services.errors import InvalidSpec
 from stoker.services.scheduler.config import ZoneName
 
@@ -26,26 +26,47 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "snapshot": set(),
     "report": {"period"},
 }
+#: a selector names labels, and a VM has at most 64 of them
+MAX_SELECTOR_KEYS = 16
+MAX_LABEL_VALUE = 256
+
+
+def _check_selector(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is not None and not v:
+        raise ValueError("give at least one label, or target a VM instead")
+    for key, value in (v or {}).items():
+        if not LABEL_KEY_RE.fullmatch(key):
+            raise ValueError(f"label key {key!r} must match {LABEL_KEY_RE.pattern}")
+        if len(value) > MAX_LABEL_VALUE or CONTROL_RE.search(value):
+            raise ValueError(
+                f"label {key!r} value must be one line of at most {MAX_LABEL_VALUE} characters"
+            )
+    return v
 
 
 class ScheduleSpec(BaseModel):
     """What an operator asks for; checks needing the VM list are in ``Scheduler``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     action: ScheduleAction
-    vm: str | None = Field(default=None, description="a VM name or id")
+    vm: str | None = Field(default=None, max_length=64, description="a VM name or id")
     selector: dict[str, str] | None = Field(
-        default=None, description="label selector: every VM with all these labels"
+        default=None,
+        max_length=MAX_SELECTOR_KEYS,
+        description="label selector: every VM with all these labels",
     )
-    cron: str = Field(description="5-field cron expression or @hourly/@daily/...")
-    tz: ZoneName | None = Field(default=None, description="IANA zone; default: the agent's")
+    cron: str = Field(max_length=256, description="5-field cron expression or @hourly/@daily/...")
+    tz: ZoneName | None = Field(
+        default=None, max_length=64, description="IANA zone; default: the agent's"
+    )
     spread_s: float = Field(default=0.0, ge=0, le=86400, description="stagger window")
     grace_s: float | None = Field(default=None, ge=0, le=7 * 86400)
-    enabled: bool = True
+    enabled: StrictBool = True
     options: dict[str, Any] = Field(
         default_factory=dict,
+        max_length=len(set().union(*ACTION_OPTIONS.values())),
         description="report: {'period': daily|weekly|monthly}; stop/restart: "
         "{'graceful': bool, 'timeout_s': seconds}",
     )
@@ -59,28 +80,30 @@ class ScheduleSpec(BaseModel):
     @field_validator("selector")
     @classmethod
     def _selector(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and not v:
-            raise ValueError("give at least one label, or target a VM instead")
-        for key in v or {}:
-            if not LABEL_KEY_RE.match(key):
-                raise ValueError(f"label key {key!r} must match {LABEL_KEY_RE.pattern}")
-        return v
+        return _check_selector(v)
 
 
 # a PATCH: only the fields given change; the result is checked as a whole ScheduleSpec
 class ScheduleUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     action: ScheduleAction | None = None
-    vm: str | None = None
-    selector: dict[str, str] | None = None
-    cron: str | None = None
-    tz: str | None = None
+    vm: str | None = Field(default=None, max_length=64)
+    selector: dict[str, str] | None = Field(default=None, max_length=MAX_SELECTOR_KEYS)
+    cron: str | None = Field(default=None, max_length=256)
+    tz: str | None = Field(default=None, max_length=64)
     spread_s: float | None = Field(default=None, ge=0, le=86400)
     grace_s: float | None = Field(default=None, ge=0, le=7 * 86400)
-    enabled: bool | None = None
-    options: dict[str, Any] | None = None
+    enabled: StrictBool | None = None
+    options: dict[str, Any] | None = Field(
+        default=None, max_length=len(set().union(*ACTION_OPTIONS.values()))
+    )
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_selector(v)
 
 
 def check_options(action: str, options: dict[str, Any]) -> dict[str, Any]:

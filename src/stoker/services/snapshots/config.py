@@ -18,20 +18,25 @@ from pydantic import BaseModel, ConfigDict, Field
 class SnapshotsConfig(BaseModel):
     """The ``[snapshots]`` section of the agent config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     margin_mib: int = Field(
-        default=256, ge=0, description="free space to leave beyond a snapshot's expected size"
+        default=256,
+        ge=0,
+        le=2**40,
+        description="free space to leave beyond a snapshot's expected size",
     )
     timezone: str | None = Field(
-        default=None, description="zone for retention periods (default: the host's)"
+        default=None, max_length=64, description="zone for retention periods (default: the host's)"
     )
-    tick_s: float = Field(default=30.0, gt=0, description="how often automatic policies are due")
-    restore_timeout_s: float = Field(default=120.0, gt=0)
+    tick_s: float = Field(
+        default=30.0, gt=0, le=3600, description="how often automatic policies are due"
+    )
+    restore_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     deep_verify_settle_s: float = Field(
-        default=1.0, ge=0, description="how long a deep-verified VM must keep running"
+        default=1.0, ge=0, le=3600, description="how long a deep-verified VM must keep running"
     )
-    deep_verify_timeout_s: float = Field(default=120.0, gt=0)
+    deep_verify_timeout_s: float = Field(default=120.0, gt=0, le=86_400)
 
     def zone(self) -> tzinfo:
         """The zone retention periods ("daily", "weekly") are counted in."""

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 
+from stoker.domain.refs import Candidate
 from stoker.domain.snapshots import SnapshotRecord
 from stoker.services.errors import NotFound
 from stoker.services.events import EventBus
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.refs import by_prefix
 from stoker.services.snapshots.config import SnapshotsConfig
 from stoker.store.snapshots import SnapshotStore
 
@@ -38,6 +40,10 @@ class SnapshotContext:
 
     def get(self, snapshot_id: str) -> SnapshotRecord:
         snap = self.store.get(snapshot_id)
+        if snap is None:
+            candidates = (Candidate(s.id, s.vm_name) for s in self.store.all())
+            found = by_prefix("snapshot", snapshot_id, candidates)
+            snap = None if found is None else self.store.get(found)
         if snap is None:
             raise NotFound(f"no snapshot with id {snapshot_id!r} (see `stoker snapshot list`)")
         return snap

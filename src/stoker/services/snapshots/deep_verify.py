@@ -35,12 +35,19 @@ async def deep_verify(ctx: SnapshotContext, snap: SnapshotRecord) -> str:
     try:
         throwaway = await _throwaway_spec(spec, root, work)
         paths = VMPaths(work)
+        # the throwaway boots from the snapshot's own copies (overlays over them), which lie
+        # in the VM's directory, outside every image pool; it runs as the VM's own uid
+        vm = ctx.lifecycle.directory.find(snap.vm_id)
+        identity = (
+            ctx.lifecycle.identities.identity(vm) if vm and ctx.lifecycle.identities else None
+        )
+        boot = BootOptions(identity=identity, private_dirs=(root, work))
         settle_s = ctx.config.deep_verify_settle_s
         timeout = ctx.config.deep_verify_timeout_s
         async with asyncio.timeout(timeout):
             if snap.with_memory:
                 vmm = await driver.restore(
-                    f"verify-{snap.id}", throwaway, paths, root / layout.MEMORY, BootOptions()
+                    f"verify-{snap.id}", throwaway, paths, root / layout.MEMORY, boot
                 )
                 ready = time.monotonic() - began
                 await _stays_running(vmm, settle_s)
@@ -48,7 +55,7 @@ async def deep_verify(ctx: SnapshotContext, snap: SnapshotRecord) -> str:
                     f"throwaway VM resumed from memory in {ready:.2f} s and kept running "
                     f"for {settle_s:g} s"
                 )
-            vmm = await driver.spawn(f"verify-{snap.id}", throwaway, paths, BootOptions())
+            vmm = await driver.spawn(f"verify-{snap.id}", throwaway, paths, boot)
             await vmm.wait_ready(min(throwaway.boot_timeout_s, timeout))
             took = time.monotonic() - began
             return f"throwaway VM booted from the disks to ready in {took:.2f} s"

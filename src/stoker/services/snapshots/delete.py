@@ -20,6 +20,7 @@ from stoker.services.errors import Conflict
 from stoker.services.snapshots import layout
 from stoker.services.snapshots.context import SnapshotContext
 from stoker.services.snapshots.files import fsync_path
+from stoker.store.snapshots import SnapshotStore
 
 
 async def delete_snapshot(ctx: SnapshotContext, snapshot_id: str, force: bool = False) -> int:
@@ -46,6 +47,11 @@ async def delete_snapshot(ctx: SnapshotContext, snapshot_id: str, force: bool = 
 async def remove_snapshot(ctx: SnapshotContext, snap: SnapshotRecord) -> int:
     """Hide the directory with one rename, drop the row, then free the space (bytes freed).
     The caller holds the VM's snapshot lock."""
+    return await remove_snapshot_files(ctx.store, snap)
+
+
+async def remove_snapshot_files(store: SnapshotStore, snap: SnapshotRecord) -> int:
+    """``remove_snapshot`` for callers without a snapshot context (a VM's deletion)."""
     final = Path(snap.path)
     dead = layout.tombstone(final, snap.id)
     size = 0
@@ -53,6 +59,6 @@ async def remove_snapshot(ctx: SnapshotContext, snap: SnapshotRecord) -> int:
         size = await asyncio.to_thread(dir_size, final)
         os.rename(final, dead)
         fsync_path(final.parent)
-    ctx.store.delete(snap.id)
+    store.delete(snap.id)
     await asyncio.to_thread(shutil.rmtree, dead, True)
     return size

@@ -31,6 +31,9 @@ SPEC = "spec.json"
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"
 VERIFY_PREFIX = ".verify-"
+#: under the data dir: snapshots kept when their VM was deleted (``<data_dir>/kept-snapshots/
+#: <id>/``), still indexed and restorable into a new VM
+KEPT_DIR = "kept-snapshots"
 
 
 def disk_name(index: int, fmt: DriveFormat) -> str:
@@ -95,14 +98,15 @@ def new_manifest(
     }
 
 
-def record_from_manifest(vm: VM, root: Path) -> SnapshotRecord:
-    """The index row of a complete snapshot directory, rebuilt from its manifest; raises
-    ``OSError``, ``ValueError`` or ``KeyError`` when it is not one."""
+def record_from_manifest(vm: VM | None, root: Path) -> SnapshotRecord:
+    """The index row of a complete snapshot directory, rebuilt from its manifest (the VM's
+    id and name from the manifest when ``vm`` is None: a kept snapshot of a deleted VM);
+    raises ``OSError``, ``ValueError`` or ``KeyError`` when it is not one."""
     m = json.loads((root / MANIFEST).read_text())
     return SnapshotRecord(
         id=root.name,
-        vm_id=vm.id,
-        vm_name=vm.name,
+        vm_id=vm.id if vm is not None else str(m["vm_id"]),
+        vm_name=vm.name if vm is not None else str(m["vm_name"]),
         created=datetime.fromisoformat(m["created"]),
         kind=m["kind"],
         tags=tuple(m.get("tags", ())),

@@ -6,6 +6,7 @@ callers see one stable interface while the work stays in small modules.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from stoker.domain.events import Event, EventType
 from stoker.domain.snapshots import SnapshotRecord
 from stoker.domain.vm import VM
+from stoker.services.errors import NotFound
 from stoker.services.lifecycle import Lifecycle
 from stoker.services.snapshots import automation, layout, policy
 from stoker.services.snapshots.automation import AutoResult
@@ -23,7 +25,7 @@ from stoker.services.snapshots.delete import delete_snapshot
 from stoker.services.snapshots.policy import Policy
 from stoker.services.snapshots.protection import set_protected
 from stoker.services.snapshots.prune import PruneResult, prune_snapshots
-from stoker.services.snapshots.restore import restore_snapshot
+from stoker.services.snapshots.restore import restore_as_new_vm, restore_snapshot
 from stoker.services.snapshots.verify import verify_snapshot
 from stoker.store.snapshots import SnapshotStore
 
@@ -35,13 +37,17 @@ class SnapshotService:
         store: SnapshotStore,
         config: SnapshotsConfig,
         clock: Callable[[], datetime] | None = None,
+        locks: dict[str, asyncio.Lock] | None = None,
     ) -> None:
+        """``locks``: the per-VM snapshot locks, shared with whoever else must exclude
+        snapshot work (the housekeeping, which a VM's deletion goes through)."""
         self.ctx = SnapshotContext(
             lifecycle=lifecycle,
             store=store,
             config=config,
             clock=clock or (lambda: datetime.now(UTC)),
             tz=config.zone(),
+            locks=locks if locks is not None else {},
         )
         self.lifecycle = lifecycle
         self.store = store
@@ -55,7 +61,14 @@ class SnapshotService:
     def all(self, vm_ref: str | None = None) -> list[SnapshotRecord]:
         if vm_ref is None:
             return self.store.all()
-        return self.store.all(self.lifecycle.get(vm_ref, 0).id)
+        vm = self.lifecycle.directory.lookup(vm_ref)
+        if vm is not None:
+            return self.store.all(vm.id)
+        # a deleted VM, by id or name: the snapshots kept when it was deleted
+        kept = [s for s in self.store.all() if vm_ref in (s.vm_id, s.vm_name)]
+        if not kept:
+            raise NotFound(f"no VM named or with id {vm_ref!r}, and no snapshots kept of one")
+        return kept
 
     def manifest(self, snap: SnapshotRecord) -> dict[str, Any]:
         return layout.read_manifest(snap)
@@ -71,7 +84,12 @@ class SnapshotService:
     ) -> SnapshotRecord:
         return await create_snapshot(self.ctx, vm_ref, kind, tags, protected)
 
-    async def restore(self, snapshot_id: str) -> tuple[SnapshotRecord, VM]:
+    async def restore(
+        self, snapshot_id: str, as_name: str | None = None
+    ) -> tuple[SnapshotRecord, VM]:
+        """Into the snapshot's own VM, or (``as_name``) into a new VM of that name."""
+        if as_name is not None:
+            return await restore_as_new_vm(self.ctx, snapshot_id, as_name)
         return await restore_snapshot(self.ctx, snapshot_id)
 
     async def delete(self, snapshot_id: str, force: bool = False) -> int:
