@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stoker.cli import common
 from stoker.cli.main import app as cli_app
 from stoker.client import StokerError
 from stoker.host import netlimits, tap
@@ -210,14 +209,16 @@ def test_cpu_cap_memory_limit_live_change_violations_and_readoption(quota_agent,
         found = events(agent, "quota.violation")
         assert any(e["kind"] == "cpu" and "25%" in e["message"] for e in found), found
 
-        common.out.width = 200  # a wide "terminal", so table cells are not wrapped
+        wide = {"COLUMNS": "200"}  # a wide "terminal", so table cells are not wrapped
         shown = CliRunner().invoke(
-            cli_app, ["--socket", str(agent.socket), "quota", "get", "burner"]
+            cli_app, ["--socket", str(agent.socket), "quota", "get", "burner"], env=wide
         )
         assert shown.exit_code == 0, shown.output
         assert "25% (0.25 cores)" in shown.output and "enforced" in shown.output
         assert "cpu: " in shown.output  # violation count beside the limit
-        listed = CliRunner().invoke(cli_app, ["--socket", str(agent.socket), "quota", "list"])
+        listed = CliRunner().invoke(
+            cli_app, ["--socket", str(agent.socket), "quota", "list"], env=wide
+        )
         assert listed.exit_code == 0 and "burner" in listed.output
         refused = CliRunner().invoke(
             cli_app, ["--socket", str(agent.socket), "quota", "set", "burner", "--cpu", "0"]
