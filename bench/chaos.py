@@ -18,6 +18,7 @@ import random
 import sys
 import time
 
+from bench.report import record
 from tests.faults.chaos import OPERATIONS, Chaos
 from tests.helpers import AgentProcess
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     agent = AgentProcess().start()
@@ -51,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         agent.cleanup()
     elapsed = time.monotonic() - began
     total = sum(counts.values())
-    print(
-        f"{total} rounds in {elapsed:.0f} s ({elapsed / max(total, 1):.1f} s a round), "
-        f"seed {args.seed}: {sum(failed.values())} with problems"
-    )
-    for operation in OPERATIONS:
-        print(f"  {operation:12} {counts[operation]:4} rounds, {failed[operation]} with problems")
+    lines = [
+        f"{total} rounds in {elapsed:.0f} s ({elapsed / max(total, 1):.1f} s a round), seed "
+        f"{args.seed}: {sum(failed.values())} with problems. Each round starts one operation "
+        "on a real agent with real guests and SIGKILLs the agent at a random moment inside "
+        "it, restarts it and checks that nothing was lost (tests/faults/chaos.py).",
+        "",
+        "| operation | rounds | with problems |",
+        "|---|---|---|",
+        *(f"| {op} | {counts[op]} | {failed[op]} |" for op in OPERATIONS),
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record(
+            "Chaos: the agent killed inside every operation",
+            f".venv/bin/python -m bench.chaos --rounds {args.rounds} --seed {args.seed}",
+            "\n".join(lines),
+        )
     return 1 if failed else 0
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import median
+from bench.report import median, record
 from stoker.drivers.qemu_argv import (
     Confinement,
     PortForward,
@@ -60,6 +60,7 @@ def start(mode: str, work: Path) -> Started:
     port = free_port()
     launch = QemuLaunch(
         name="bench",
+        instance="0123456789abcdef",
         accel="tcg",
         memory_mib=128,
         vcpus=1,
@@ -119,6 +120,7 @@ def status_lines(pid: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
     work = short_tmpdir("stkb-")
     os.chmod(work, 0o711)
@@ -138,11 +140,28 @@ def main() -> None:
                     started.proc.wait()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'mode':<10} {'exec->QMP':>10} {'exec->HTTP':>11}   (medians of {args.runs})")
-    for mode in MODES:
-        print(f"{mode:<10} {median(qmp[mode]):>9.3f}s {median(http[mode]):>10.3f}s")
-    for mode in MODES:
-        print(f"{mode}: {status[mode]}")
+    base = MODES[0]
+    lines = [
+        f"The test guest launched by the QEMU driver's own argv in each confinement mode, "
+        f"alternating; medians of {args.runs} runs.",
+        "",
+        f"| mode | exec → QMP | exec → guest HTTP | vs {base} |",
+        "|---|---|---|---|",
+        *(
+            f"| {mode} | {median(qmp[mode]):.3f} s | {median(http[mode]):.3f} s | "
+            f"{median(http[mode]) / median(http[base]):.3f}x |"
+            for mode in MODES
+        ),
+        "",
+        *(f"- {mode}: {status[mode]}" for mode in MODES),
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record(
+            "Confinement: the cost of each mode",
+            ".venv/bin/python -m bench.confinement",
+            "\n".join(lines),
+        )
 
 
 if __name__ == "__main__":

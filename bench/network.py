@@ -20,7 +20,7 @@ import shutil
 import time
 from typing import Any
 
-from bench.report import median, percentile
+from bench.report import median, percentile, record
 from stoker.services.networks.config import RUN_DIR, default_state_dir
 from tests import netns as tn
 from tests.helpers import AgentProcess, free_port, guest_spec
@@ -59,6 +59,7 @@ def _round(agent: AgentProcess, ns: tn.Netns, name: str, port: int) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
     ports = {"managed": free_port(), "user": free_port()}
     times: dict[str, list[float]] = {"managed": [], "user": []}
@@ -97,11 +98,11 @@ def main() -> None:
         f"{percentile(user, 99):.3f} s | {addresses['user']} |",
         "",
         f"managed / user: {median(managed) / median(user):.3f}x",
-        "",
-        f"Command: {COMMAND}",
     ]
     print()
     print("\n".join(lines))
+    if not args.no_record:
+        record("Managed network: start to address", COMMAND, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -215,13 +215,13 @@ class Chaos:
                         claimed[pid] = vm.name
             by_id = {vm.id: vm for vm in vms}
             for pid, vm_id in vmm_processes(self.agent.data_dir).items():
-                vm = by_id.get(vm_id)
-                if vm is None:
+                owner = by_id.get(vm_id)
+                if owner is None:
                     problems.append(f"orphan VMM pid {pid} of unknown VM {vm_id}")
-                elif vm.state in ("stopped", "pending"):
-                    problems.append(f"VMM pid {pid} runs for {vm.name}, which is {vm.state}")
-                elif vm.state == "running" and claimed.get(pid) != vm.name:
-                    problems.append(f"VMM pid {pid} of {vm.name} is not the one it records")
+                elif owner.state in ("stopped", "pending"):
+                    problems.append(f"VMM pid {pid} runs for {owner.name}, which is {owner.state}")
+                elif owner.state == "running" and claimed.get(pid) != owner.name:
+                    problems.append(f"VMM pid {pid} of {owner.name} is not the one it records")
             for snap in snaps:
                 verified = api.verify_snapshot(snap.id)
                 if not (verified.last_verification and verified.last_verification.ok):
