@@ -24,6 +24,7 @@ from stoker.drivers.base import (
     DriverError,
     DriveThrottle,
     IOLimits,
+    Launched,
     VMMStats,
     VMMStatus,
     VMPaths,
@@ -191,9 +192,19 @@ class FakeDriver:
         self.vmms.append(vmm)
         return vmm
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> FakeVMM:
+    async def spawn(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        launched: Launched | None = None,
+    ) -> FakeVMM:
         self.boots.append(boot)
-        return self._make(spec, paths)
+        vmm = self._make(spec, paths)
+        if launched is not None:
+            await launched(vmm)
+        return vmm
 
     def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
         return None
@@ -202,11 +213,23 @@ class FakeDriver:
         raise DriverError(f"process {record.pid} is gone")
 
     async def restore(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        state: Path,
+        boot: BootOptions,
+        launched: Launched | None = None,
     ) -> FakeVMM:
         self.boots.append(boot)
         self.restored_from.append(state)
-        return self._make(spec, paths)
+        vmm = self._make(spec, paths)
+        if launched is not None:
+            await launched(vmm)
+        vmm.calls.append("load_state")
+        if not boot.resume_restored:
+            vmm.running = False
+        return vmm
 
     @property
     def last(self) -> FakeVMM:

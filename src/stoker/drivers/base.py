@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -245,6 +246,10 @@ class VMM(Protocol):
         """Drop the control connection and stop watching; never touches the VMM process."""
 
 
+#: awaited by a driver the moment a VMM process exists (see ``Driver.spawn``)
+Launched = Callable[[VMM], Awaitable[None]]
+
+
 @runtime_checkable
 class Driver(Protocol):
     """Makes VMM handles for one hypervisor."""
@@ -258,16 +263,33 @@ class Driver(Protocol):
     def check(self, spec: VMSpec) -> None:
         """Raise DriverUnavailable or Unsupported if this spec cannot run here."""
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> VMM:
-        """Start a VMM for ``spec`` and return as soon as its pid is known."""
+    async def spawn(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        launched: Launched | None = None,
+    ) -> VMM:
+        """Start a VMM for ``spec`` and return as soon as its pid is known. ``launched`` is
+        awaited the moment the process exists, before the guest touches its memory (its pid
+        written down, the process placed in its cgroup); if it raises, the VMM is ended."""
 
     async def adopt(self, spec: VMSpec, paths: VMPaths, record: ProcessRecord) -> VMM:
         """Reconnect to a VMM started earlier; raise DriverError if it is not the same one."""
 
     async def restore(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        state: Path,
+        boot: BootOptions,
+        launched: Launched | None = None,
     ) -> VMM:
-        """Start a fresh VMM from saved state ``state`` and leave it running."""
+        """Start a fresh VMM from saved state ``state`` and leave it running (paused, with
+        ``boot.resume_restored`` False). ``launched`` as for :meth:`spawn`: before the state
+        is loaded, so the loaded memory is charged to the VM's own cgroup."""
 
     def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
         """A VMM of this VM that runs but was never recorded (the agent died right after

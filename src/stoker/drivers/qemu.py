@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from stoker.drivers.base import (
     DriverUnavailable,
     DriveThrottle,
     IOLimits,
+    Launched,
     ProcessRecord,
     Unsupported,
     VMMStats,
@@ -142,16 +143,34 @@ class QemuDriver:
             incoming=incoming,
         )
 
-    async def spawn(self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions) -> QemuVMM:
+    async def spawn(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        launched: Launched | None = None,
+    ) -> QemuVMM:
         """QEMU takes its limits live once up (``apply_io_limits``), not from ``boot``."""
-        return await self._launch(vm_id, spec, paths, boot)
+        vmm = await self._launch(vm_id, spec, paths, boot)
+        if launched is not None:
+            await _or_end(vmm, launched(vmm))
+        return vmm
 
     async def restore(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, state: Path, boot: BootOptions
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        state: Path,
+        boot: BootOptions,
+        launched: Launched | None = None,
     ) -> QemuVMM:
         """Start QEMU reading migration data from ``state`` (a descriptor), then run it."""
         vmm = await self._launch(vm_id, spec, paths, boot, incoming=state)
         try:
+            if launched is not None:
+                await launched(vmm)
             await vmm.finish_incoming(boot.restore_timeout_s, resume=boot.resume_restored)
         except BaseException:
             # never leave a half-restored QEMU behind: nobody else knows its pid yet
@@ -475,7 +494,7 @@ class QemuVMM:
                 return
             if loop.time() >= deadline:
                 raise BootFailed(f"restoring state did not finish within {timeout_s:g} s")
-            await asyncio.sleep(0.004)
+            await asyncio.sleep(0.002)
         if resume:
             await self.resume()
 
@@ -495,3 +514,13 @@ class QemuVMM:
 
 def _ns(at: datetime) -> int:
     return int(at.timestamp() * 1_000_000_000)
+
+
+async def _or_end(vmm: QemuVMM, step: Awaitable[None]) -> None:
+    """Run ``step``; if it fails, end the VMM (nobody else knows its pid yet) and re-raise."""
+    try:
+        await step
+    except BaseException:
+        await vmm.kill()
+        await vmm.close()
+        raise

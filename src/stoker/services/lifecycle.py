@@ -417,7 +417,9 @@ class Lifecycle:
                 raise Conflict(f"start of {vm.name} vetoed by a pre-start hook: {exc}") from exc
         self.gate.reserve(vm)
         try:
-            await self.set_state(vm.id, S.STARTING, reason)
+            # not waited onto the disk: what must outlive a power cut is what stays true
+            # after one, and a power cut ends the VMM this start makes
+            await self.set_state(vm.id, S.STARTING, reason, durable=False)
             await self._spawn(vm, boot_state=S.STARTING, restore_from=restore_from)
         except BaseException:
             self.gate.release(vm.id)
@@ -429,6 +431,7 @@ class Lifecycle:
         driver = self.driver_for(vm.spec)
         limits = self.boot_limits.boot_limits(vm, driver.capabilities) if self.boot_limits else None
         identity = self.identities.identity(vm) if self.identities else None
+        launched = functools.partial(self._launched, vm)
         try:
             attachment = await self.network.attach(vm) if self.network else None
             boot = BootOptions(io_limits=limits, network=attachment, identity=identity)
@@ -438,21 +441,27 @@ class Lifecycle:
             if warm is not None:
                 vmm = warm
             elif restore_from is not None:
-                vmm = await driver.restore(vm.id, vm.spec, paths, restore_from, boot)
+                vmm = await driver.restore(vm.id, vm.spec, paths, restore_from, boot, launched)
             else:
-                vmm = await driver.spawn(vm.id, vm.spec, paths, boot)
+                vmm = await driver.spawn(vm.id, vm.spec, paths, boot, launched)
         except (DriverError, Unsupported, NetworkError) as exc:
             what = "restoring the VMM failed" if restore_from else "VMM failed to start"
-            await self.set_state(vm.id, S.ERROR, f"{what}: {exc}")
-            self.gate.release(vm.id)
+            forget = functools.partial(self.vms.set_process, vm.id, None)
+            release = functools.partial(self.gate.release, vm.id)
+            await self.set_state(vm.id, S.ERROR, f"{what}: {exc}", (forget, release))
             return
-        self.vms.set_process(vm.id, vmm.record)
+        self._own(vm, vmm, boot_state, restored=restore_from is not None or warm is not None)
+
+    async def _launched(self, vm: VM, vmm: VMM) -> None:
+        """The VMM process exists and its guest has touched nothing yet: write its identity
+        down at once (an agent dying now re-adopts it), then the spawn observers (its cgroup,
+        before the guest's memory, booted or restored, is charged anywhere else)."""
+        self.vms.set_process(vm.id, vmm.record, durable=False)
         for observer in self.spawn_observers:
             try:
                 await observer.vmm_spawned(vm, vmm.record.pid)
             except Exception:
                 log.exception("a spawn observer failed", extra={"vm": vm.name})
-        self._own(vm, vmm, boot_state, restored=restore_from is not None or warm is not None)
 
     async def _warm_spawn(
         self, vm: VM, driver: Driver, paths: VMPaths, boot: BootOptions
@@ -467,9 +476,11 @@ class Lifecycle:
         # once both are done and the checksum matches
         verified = asyncio.create_task(self.warm.verify(vm, snapshot))
         boot = replace(boot, restore_timeout_s=self.warm.restore_timeout_s, resume_restored=False)
+        launched = functools.partial(self._launched, vm)
         try:
-            vmm = await driver.restore(vm.id, vm.spec, paths, snapshot.state, boot)
+            vmm = await driver.restore(vm.id, vm.spec, paths, snapshot.state, boot, launched)
         except (DriverError, Unsupported) as exc:
+            self.vms.set_process(vm.id, None)
             if await verified:
                 self.warm.failed(vm, str(exc))
             return None
@@ -479,6 +490,7 @@ class Lifecycle:
             await vmm.resume()
         except (DriverError, Unsupported) as exc:
             await self._discard_vmm(vmm)
+            self.vms.set_process(vm.id, None)
             if verified.result():
                 self.warm.failed(vm, str(exc))
             return None
@@ -635,6 +647,13 @@ class Lifecycle:
             if vm.state == S.ERROR:
                 await self._cleanup_error(vm)
             else:
+                owned = self.directory.owned(vm.id)
+                if not graceful and owned is not None:
+                    # forced means now: the kernel tears the VMM down while the rest runs.
+                    # Nothing yields between this and the commit below, so only an agent
+                    # killed in those microseconds finds a dead VMM recorded as running
+                    # (and handles it as any VMM that died while it was down).
+                    await owned.vmm.kill()
                 # not waited onto the disk: the commit of ``stopped`` that ends this stop
                 # fsyncs the log with it (an agent crash loses nothing committed)
                 stopping = reason or _stop_reason(graceful)
@@ -666,7 +685,7 @@ class Lifecycle:
     ) -> str:
         """Take the VMM from its supervisor and end it; return how it ended. ``forget``
         clears its process record now; a caller that records the outcome clears it in the
-        same commit instead."""
+        same commit instead (and the VMM's handle is closed in the background)."""
         owned = self.directory.disown(vm.id)
         if owned is None:
             return "no VMM was running"
@@ -688,9 +707,13 @@ class Lifecycle:
                 await asyncio.wait_for(asyncio.shield(watch.exited), KILL_WAIT_S)
             except TimeoutError:
                 outcome += f" (still not gone after {KILL_WAIT_S:g} s)"
-        await vmm.close()
         if forget:
+            await vmm.close()
             self.vms.set_process(vm.id, None)
+        else:
+            # the caller records the outcome first; the dead VMM's connections are let go
+            # of after that, off the request's path
+            self._spawn_task(vmm.close())
         self._cleanup_files(vm.id)
         return outcome
 

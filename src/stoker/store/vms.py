@@ -209,8 +209,10 @@ class VMStore:
             )
         return True
 
-    def set_process(self, vm_id: str, process: ProcessRecord | None) -> None:
-        with self.db.write() as conn:
+    def set_process(self, vm_id: str, process: ProcessRecord | None, durable: bool = True) -> None:
+        """``durable=False`` for a VMM just spawned: its record must survive an agent crash
+        (it does, once committed), and a power cut ends the VMM with it."""
+        with self.db.write(durable) as conn:
             conn.execute(
                 "UPDATE vms SET process = ? WHERE id = ?",
                 (dumps(process.to_json()) if process is not None else None, vm_id),

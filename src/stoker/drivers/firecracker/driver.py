@@ -36,6 +36,7 @@ from stoker.drivers.base import (
     DriverUnavailable,
     DriveThrottle,
     IOLimits,
+    Launched,
     ProcessRecord,
     Unsupported,
     VMMStats,
@@ -567,7 +568,12 @@ class FirecrackerDriver:
     # ---- spawn / restore / adopt
 
     async def spawn(
-        self, vm_id: str, spec: VMSpec, paths: VMPaths, boot: BootOptions
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        paths: VMPaths,
+        boot: BootOptions,
+        launched: Launched | None = None,
     ) -> FirecrackerVMM:
         """Start Firecracker, configure the VM through the API, and boot it (InstanceStart).
 
@@ -577,6 +583,8 @@ class FirecrackerDriver:
         self.check(spec)
         vmm, files = await self._launch(vm_id, spec, paths, boot, restored=False)
         try:
+            if launched is not None:
+                await launched(vmm)  # before InstanceStart: the guest has touched nothing
             await self._configure(vmm, vm_id, spec, files, boot)
         except BaseException as exc:
             await self._abort(vmm)
@@ -594,6 +602,7 @@ class FirecrackerDriver:
         paths: VMPaths,
         state: Path,
         boot: BootOptions,
+        launched: Launched | None = None,
     ) -> FirecrackerVMM:
         """A fresh process, logger and metrics, then snapshot load (resumed).
 
@@ -606,6 +615,8 @@ class FirecrackerDriver:
                 raise DriverError(f"no snapshot at {state}: {state / name} is missing")
         vmm, _ = await self._launch(vm_id, spec, paths, boot, restored=True)
         try:
+            if launched is not None:
+                await launched(vmm)
             snap = self._link_snapshot(vmm, state)
             await self._logging(vmm)
             overrides = None
