@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -28,27 +29,8 @@ from stoker.wire import VersionOut
 
 def create_app(services: Services, token: str | None = None) -> FastAPI:
     """One app per listener: the Unix socket needs no token, TCP requires ``token``."""
-    app = FastAPI(
-        title="stoker",
-        version=__version__,
-        description="Node agent that keeps microVMs alive.",
-    )
+    app = _api(cluster=services.cluster is not None)
     app.state.services = services
-    problems.install(app)
-    openapi.install(app)  # links from creates, the constraints the API enforces
-    # fixed paths such as /api/v1/vms/metrics go before /api/v1/vms/{ref}
-    routers = (events, resources, quotas, snapshots, schedules, networks, manifests, vms)
-    for router in (module.router for module in routers):
-        app.include_router(router)
-    if getattr(services, "cluster", None) is not None:  # cluster mode only (imports gRPC)
-        from stoker.api import cluster
-
-        app.include_router(cluster.router)
-
-    @app.get("/api/v1/version", tags=["agent"])
-    async def version() -> VersionOut:
-        return VersionOut(version=__version__)
-
     web.mount(app, services, token)  # the console at /ui, under this listener's trust
 
     if token is not None:
@@ -73,5 +55,36 @@ def create_app(services: Services, token: str | None = None) -> FastAPI:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             return await call_next(request)
+
+    return app
+
+
+def document(cluster: bool = False) -> dict[str, Any]:
+    """The OpenAPI document the agent serves (in cluster mode with ``cluster``), built
+    without services: for the checks that walk every operation."""
+    return _api(cluster).openapi()
+
+
+def _api(cluster: bool) -> FastAPI:
+    """Every API route, its problem handlers and its OpenAPI document."""
+    app = FastAPI(
+        title="stoker",
+        version=__version__,
+        description="Node agent that keeps microVMs alive.",
+    )
+    problems.install(app)
+    openapi.install(app)  # links from creates, the constraints the API enforces
+    # fixed paths such as /api/v1/vms/metrics go before /api/v1/vms/{ref}
+    routers = (events, resources, quotas, snapshots, schedules, networks, manifests, vms)
+    for router in (module.router for module in routers):
+        app.include_router(router)
+    if cluster:  # cluster mode only (imports gRPC)
+        from stoker.api import cluster as cluster_routes
+
+        app.include_router(cluster_routes.router)
+
+    @app.get("/api/v1/version", tags=["agent"])
+    async def version() -> VersionOut:
+        return VersionOut(version=__version__)
 
     return app

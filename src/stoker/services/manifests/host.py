@@ -74,7 +74,7 @@ class HostReader:
                     state=vm.state,
                     quota=self.quotas.override(vm.id),
                     snapshot_policy=_policy(policy.retention, policy.interval),
-                    warm_start=bool(getattr(vm.spec, "warm_start", False)),
+                    warm_start=bool(vm.spec.warm_start),
                     network_name=managed_network(vm.spec),
                     managed_by=manager("vm", vm.name, vm.id),
                 )
