@@ -162,8 +162,8 @@ class AgentProcess:
         # a VMM carries its VM's id in its command line (process=stoker-<id>), the VM's
         # directory path when it runs unconfined
         markers = [str(vms_dir).encode()]
-        if vms_dir.is_dir():
-            markers += [f"process=stoker-{d.name}".encode() for d in vms_dir.iterdir()]
+        vm_ids = [d.name for d in vms_dir.iterdir()] if vms_dir.is_dir() else []
+        markers += [f"process=stoker-{vm_id}".encode() for vm_id in vm_ids]
         for proc_dir in Path("/proc").iterdir():
             if not proc_dir.name.isdigit():
                 continue
@@ -174,7 +174,28 @@ class AgentProcess:
             if any(marker in cmdline for marker in markers):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(proc_dir.name), signal.SIGKILL)
+        self._remove_cgroups(vm_ids)
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _remove_cgroups(self, vm_ids: list[str]) -> None:
+        """The per-VM cgroups of VMMs killed here (the agent removes them only when it sees
+        a VM stop); a VMM just killed may need a moment to leave its cgroup."""
+        parent = self.env.get("STOKER_QUOTAS__CGROUP_PARENT", "stoker")
+        root = Path("/sys/fs/cgroup")
+        hierarchies = [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []
+        leftovers = [h / parent / vm_id for h in hierarchies for vm_id in vm_ids]
+        deadline = time.monotonic() + 2.0
+        while leftovers and time.monotonic() < deadline:
+            for path in list(leftovers):
+                try:
+                    path.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # busy: its VMM is still exiting
+                leftovers.remove(path)
+            if leftovers:
+                time.sleep(0.02)
 
     @property
     def images(self) -> Path:
