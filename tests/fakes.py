@@ -78,6 +78,8 @@ class FakeVMM:
     status_error: str | None = None
     limits_error: str | None = None
     obeys_shutdown: bool = True
+    #: how long the process takes to die after SIGKILL (None: never, stuck in the kernel)
+    dies_after_kill_s: float | None = 0.0
     running: bool = True
     powered_off: bool = False
     #: what happened
@@ -124,7 +126,11 @@ class FakeVMM:
 
     async def kill(self) -> None:
         self.calls.append("kill")
-        self.exit_signal().exit(None, 9)
+        if self.dies_after_kill_s == 0.0:
+            self.exit_signal().exit(None, 9)
+        elif self.dies_after_kill_s is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.dies_after_kill_s, self.exit_signal().exit, None, 9)
 
     async def pause(self) -> None:
         self.calls.append("pause")

@@ -175,6 +175,39 @@ async def test_graceful_stop_then_forced_when_the_guest_ignores_acpi(world: Worl
     assert world.driver.last.calls[-3:] == ["request_shutdown", "kill", "close"]
 
 
+async def test_a_forced_stop_answers_and_tells_listeners_once_the_vmm_is_gone(
+    world: World,
+) -> None:
+    """The kernel tears the VMM down while the stop is written down; nobody hears of it (a
+    post-stop hook, the cgroup's removal) before the process is gone."""
+    vm = await running(world)
+    world.driver.last.dies_after_kill_s = 0.05
+    heard: list[str] = []
+    world.events.add_listener(
+        lambda e: heard.append(e.data["to_state"]) if e.type == EventType.VM_STATE else None
+    )
+    stop = asyncio.create_task(world.lifecycle.stop(vm.id, graceful=False))
+    await asyncio.sleep(0.02)
+    assert not stop.done() and heard == []
+    assert world.lifecycle.get(vm.id).state == S.STOPPED  # already on the disk
+    stopped = await stop
+    assert stopped.state_reason == "forced stop: VMM killed" and stopped.process is None
+    assert heard == ["stopping", "stopped"]
+    assert world.states(vm.id)[-2:] == ["running>stopping", "stopping>stopped"]
+
+
+async def test_a_vmm_that_outlives_sigkill_is_reported(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("stoker.services.lifecycle.KILL_WAIT_S", 0.05)
+    vm = await running(world)
+    world.driver.last.dies_after_kill_s = None  # stuck in uninterruptible I/O
+    stopped = await world.lifecycle.stop(vm.id, graceful=False)
+    assert stopped.state == S.STOPPED
+    (event,) = world.events.store.query(vm_id=vm.id, type=EventType.VM_WATCHDOG, limit=5)
+    assert "still not gone 0.05 s after SIGKILL" in event.message
+
+
 async def test_restart_gives_a_new_vmm(world: World) -> None:
     vm = await running(world)
     first = world.driver.last

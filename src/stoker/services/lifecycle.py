@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from stoker.domain.events import EventType
+from stoker.domain.events import Event, EventType
 from stoker.domain.snapshots import SnapshotsOnDelete
 from stoker.domain.spec import VMSpec
 from stoker.domain.spec_changes import changed_fields, restart_fields
@@ -232,6 +232,19 @@ class Lifecycle:
         record cleared, its reservation released) commit in one transaction: one fsync on
         the hot paths (a forced stop, a death), and never one without the others.
         """
+        event = self._record_state(vm_id, to, reason, along, durable)
+        await self._publish(event)
+        return self._get(vm_id)
+
+    def _record_state(
+        self,
+        vm_id: str,
+        to: VMState,
+        reason: str,
+        along: Sequence[Callable[[], object]] = (),
+        durable: bool = True,
+    ) -> Event:
+        """The write half of :meth:`set_state`: committed, not yet told to anyone."""
         vm = self._get(vm_id)
         if not (vm.state == to == S.ERROR):  # error -> error only restates why (give-up)
             check_transition(vm.state, to)
@@ -243,7 +256,7 @@ class Lifecycle:
                 raise Conflict(
                     f"{vm.name} changed state while {to.value} was being recorded; retry"
                 )
-            event = self.events.record(
+            return self.events.record(
                 EventType.VM_STATE,
                 f"{vm.name}: {vm.state.value} -> {to.value}: {reason}",
                 vm_id,
@@ -252,10 +265,12 @@ class Lifecycle:
                 to_state=to.value,
                 reason=reason,
             )
+
+    async def _publish(self, event: Event) -> None:
+        """Hand a committed state change to the listeners and wake whoever waits on one."""
         self.events.deliver(event)
         async with self._changed:
             self._changed.notify_all()
-        return self._get(vm_id)
 
     # ------------------------------------------------------------------------------ queries
 
@@ -644,16 +659,12 @@ class Lifecycle:
         async with self._lock(vm.id):
             vm = self._get(vm.id)
             check_action(Action.STOP, vm.state)
+            owned = self.directory.owned(vm.id)
             if vm.state == S.ERROR:
                 await self._cleanup_error(vm)
+            elif not graceful and owned is not None:
+                await self._kill_now(vm, owned, reason or _stop_reason(graceful))
             else:
-                owned = self.directory.owned(vm.id)
-                if not graceful and owned is not None:
-                    # forced means now: the kernel tears the VMM down while the rest runs.
-                    # Nothing yields between this and the commit below, so only an agent
-                    # killed in those microseconds finds a dead VMM recorded as running
-                    # (and handles it as any VMM that died while it was down).
-                    await owned.vmm.kill()
                 # not waited onto the disk: the commit of ``stopped`` that ends this stop
                 # fsyncs the log with it (an agent crash loses nothing committed)
                 stopping = reason or _stop_reason(graceful)
@@ -665,6 +676,40 @@ class Lifecycle:
                 )
                 await self.set_state(vm.id, S.STOPPED, outcome, along)
         return self.get(vm.id)
+
+    async def _kill_now(self, vm: VM, owned: OwnedVMM, reason: str) -> None:
+        """A forced stop. SIGKILL cannot be refused, so both transitions and the cleared
+        process record are written down (one fsync) while the kernel tears the VMM down;
+        the events go out, and the caller is answered, once it is gone. An agent killed in
+        between finds the VM stopped and no VMM to adopt (a dying one is an orphan it ends)."""
+        self.directory.disown(vm.id)
+        await owned.vmm.kill()
+        along = (
+            functools.partial(self.vms.set_process, vm.id, None),
+            functools.partial(self.gate.release, vm.id),
+        )
+        changes = (
+            self._record_state(vm.id, S.STOPPING, reason, durable=False),
+            self._record_state(vm.id, S.STOPPED, "forced stop: VMM killed", along),
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(owned.watch.exited), KILL_WAIT_S)
+        except TimeoutError:
+            pid = owned.vmm.record.pid
+            self.events.deliver(
+                self.events.record(
+                    EventType.VM_WATCHDOG,
+                    f"{vm.name}: VMM pid {pid} still not gone {KILL_WAIT_S:g} s after "
+                    "SIGKILL (stuck in uninterruptible I/O?)",
+                    vm.id,
+                    name=vm.name,
+                    pid=pid,
+                )
+            )
+        for change in changes:
+            await self._publish(change)
+        self._spawn_task(owned.vmm.close())
+        self._cleanup_files(vm.id)
 
     async def _cleanup_error(self, vm: VM) -> None:
         """error -> stopped: make sure no VMM is left, release what it held."""
