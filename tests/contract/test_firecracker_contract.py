@@ -44,6 +44,7 @@ from stoker.drivers.base import (
     Driver,
     DriverError,
     IOLimits,
+    NetAttachment,
     ProcessRecord,
     Unsupported,
     VMPaths,
@@ -309,6 +310,34 @@ async def test_boot_sequence_order_bodies_and_rate_limiters(
     assert index.definition_errors("InstanceInfo", info) == []
     assert vmm.record.start_time > 0
     assert fc.paths.pidfile.read_text().strip() == str(vmm.record.pid)
+
+
+async def test_a_managed_network_nic_is_the_attachment_the_network_service_made(
+    fc: Harness, index: fc_server.SpecIndex
+) -> None:
+    """Firecracker has no user-mode networking: on a managed network its one NIC is the TAP
+    and MAC the network service attached (the guest then gets the lease by DHCP)."""
+    spec = fc.spec(network={"mode": "managed", "name": "default"})
+    attached = NetAttachment(
+        tap="stk-0a1b2c3d", mac="06:00:0a:0b:0c:0d", address="10.199.0.7",
+        gateway="10.199.0.1", network="default",
+    )  # fmt: skip
+    boot = BootOptions(io_limits=LIMITS, network=attached)
+    vmm = await fc.make_driver().spawn("web-1", spec, fc.paths, boot)
+    fc.vmms.append(vmm)
+    await vmm.wait_ready(20)
+    rows = fc.requests(vmm.record.pid)
+    assert [r for r in rows if r["status"] >= 400] == []
+    nic = put_bodies(rows)["/network-interfaces/eth0"]
+    assert index.definition_errors("NetworkInterface", nic) == []
+    assert nic["host_dev_name"] == "stk-0a1b2c3d" and nic["guest_mac"] == "06:00:0a:0b:0c:0d"
+    assert nic["rx_rate_limiter"] == rate_limiter(100, 10_000) == nic["tx_rate_limiter"]
+
+
+async def test_a_managed_network_without_an_attachment_is_refused(fc: Harness) -> None:
+    spec = fc.spec(network={"mode": "managed", "name": "default"})
+    with pytest.raises(DriverError, match="network"):
+        await fc.make_driver().spawn("web-1", spec, fc.paths, BootOptions())
 
 
 async def test_ready_without_marker_is_api_state_running(fc: Harness) -> None:

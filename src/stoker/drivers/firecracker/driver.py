@@ -910,7 +910,12 @@ def _nic(spec: VMSpec, boot: BootOptions) -> tuple[str, str | None] | None:
     service attached on a managed network."""
     if spec.network.mode == NetworkMode.TAP and spec.network.tap:
         return spec.network.tap, spec.network.mac
-    if spec.network.mode == NetworkMode.MANAGED and boot.network is not None:
+    if spec.network.mode == NetworkMode.MANAGED:
+        if boot.network is None:  # never boot a VM meant to be on a network without its NIC
+            raise DriverError(
+                f"VM {spec.name} is on managed network {spec.network.name!r} but no TAP was "
+                "attached for it: start it through the agent, whose network service makes one"
+            )
         return boot.network.tap, boot.network.mac
     return None
 
