@@ -191,10 +191,11 @@ async def main() -> None:
         f"| retention plan, 100,000 snapshots, 7 rules | - | {plan_s * 1000:.1f} ms | - | "
         "< 200 ms |",
         "",
-        "Raw create is stop + migrate exec:cat + cont with nothing else; stoker's create also "
-        "hashes every file (sha256), writes the manifest, fsyncs the snapshot and renames it "
-        "into place, records a row and an event. Raw restore is SIGKILL + exec with -incoming "
-        "+ cont; stoker's also records the stop and start transitions and events.",
+        "Raw create is stop + migrate to a descriptor (as stoker saves) + cont with nothing "
+        "else; stoker's create also hashes every file (sha256), writes the manifest, fsyncs "
+        "the snapshot and renames it into place, records a row and an event. Raw restore is "
+        "SIGKILL + exec with -incoming + cont; stoker's also records the stop and start "
+        "transitions and events.",
     ]
     print("\n".join(lines))
     if not args.no_record:

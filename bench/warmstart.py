@@ -244,8 +244,9 @@ async def main() -> None:
         f"p99 {(detect_p99 - percentile(rows['raw_kill'], 99)) * 1000:+.1f} ms | "
         f"p99 ≤ 5 ms | {met(detect_p99 <= 0.005)} |",
         "",
-        "The forced stop is the API request to its answer (the VMM reaped, the state and the "
-        "cleared process record in one commit); detection is the kill to the `error` "
+        "The forced stop is the API request to its answer (the state and the cleared process "
+        "record committed while the kernel tears the VMM down; the answer once it is "
+        "reaped); detection is the kill to the `error` "
         "transition's timestamp. A VMM is not dead until the kernel has torn down its "
         "address space (most of it the guest's RAM), so no watcher can see the death sooner "
         "than SIGKILL + waitpid of the same process returns: that is the detection figure's "

@@ -174,7 +174,9 @@ def agent_env(name: str, etcd: EtcdCluster, ttl: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def cluster_world(ttl: int = 4) -> Iterator[World]:
+def cluster_world(ttl: int = 4, managed_networks: bool = False) -> Iterator[World]:
+    """``managed_networks``: the agents may make bridges, dnsmasq and nftables rules in their
+    namespaces (the cluster-network tests); otherwise guests use user-mode networking."""
     with ExitStack() as cleanup:
         hub, *spaces = cleanup.enter_context(tn.namespaces("hub", *NAMES))
         hub.run("ip", "link", "add", "stkcbr0", "type", "bridge")
@@ -187,6 +189,8 @@ def cluster_world(ttl: int = 4) -> Iterator[World]:
         nodes: dict[str, Node] = {}
         for name, ns in zip(NAMES, spaces, strict=True):
             env = agent_env(name, etcd, ttl)
+            if managed_networks:
+                env["STOKER_NETWORK__ENABLED"] = "true"
             agent = AgentProcess(wrapper=["nsenter", f"--net=/run/netns/{ns.name}"], env=env)
             nodes[name] = node = Node(name, ns, agent, env)
             cleanup.callback(_cleanup, node)

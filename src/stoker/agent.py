@@ -209,7 +209,7 @@ def build_services(
         clock=clock,
     )
 
-    cluster = membership.node(lifecycle) if membership else None
+    cluster = membership.node(lifecycle, networks) if membership else None
 
     # what acts on VMs through the lifecycle
     recovery = Recovery(lifecycle, events, health_cfg, clock=clock)

@@ -51,7 +51,9 @@ from stoker.wire import (
     VMOut,
 )
 from stoker.wire.cluster import (
+    ClusterNetworkOut,
     ClusterOut,
+    ClusterScheduleOut,
     ClusterVMOut,
     ClusterVMPage,
     ClusterVMSummary,
@@ -565,6 +567,71 @@ class Client:
 
     def explain_cluster_vm(self, name: str) -> ExplainOut:
         return ExplainOut.model_validate(self.request("GET", f"/api/v1/cluster/vms/{name}/explain"))
+
+    # ---------------------------------------------------------------- cluster schedules
+
+    def create_cluster_schedule(
+        self,
+        name: str,
+        cron: str,
+        action: str,
+        *,
+        vm: str | None = None,
+        selector: dict[str, str] | None = None,
+        tz: str | None = None,
+        grace_s: float | None = None,
+    ) -> ClusterScheduleOut:
+        """A cron schedule of ``action`` (start, stop, restart) on one cluster VM or a selector;
+        ``tz`` default: the answering node's zone."""
+        body: dict[str, Any] = {"name": name, "cron": cron, "action": action}
+        optional = {"vm": vm, "selector": selector, "tz": tz, "grace_s": grace_s}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return ClusterScheduleOut.model_validate(
+            self.request("POST", "/api/v1/cluster/schedules", json=body)
+        )
+
+    def cluster_schedules(self) -> list[ClusterScheduleOut]:
+        return _list(ClusterScheduleOut, self.request("GET", "/api/v1/cluster/schedules"))
+
+    def cluster_schedule(self, name: str) -> ClusterScheduleOut:
+        return ClusterScheduleOut.model_validate(
+            self.request("GET", f"/api/v1/cluster/schedules/{name}")
+        )
+
+    def delete_cluster_schedule(self, name: str) -> None:
+        self.request("DELETE", f"/api/v1/cluster/schedules/{name}")
+
+    # ----------------------------------------------------------------- cluster networks
+
+    def create_cluster_network(
+        self,
+        name: str,
+        subnet: str,
+        isolation: str | None = None,
+        ipv6: bool | None = None,
+        bridge: str | None = None,
+        uplink: str | None = None,
+    ) -> ClusterNetworkOut:
+        """A network every node of the cluster makes locally (its own bridge, DHCP and NAT:
+        addresses are per node); same fields as ``create_network``."""
+        body: dict[str, Any] = {"name": name, "subnet": subnet}
+        optional = {"isolation": isolation, "ipv6": ipv6, "bridge": bridge, "uplink": uplink}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return ClusterNetworkOut.model_validate(
+            self.request("POST", "/api/v1/cluster/networks", json=body)
+        )
+
+    def cluster_networks(self) -> list[ClusterNetworkOut]:
+        return _list(ClusterNetworkOut, self.request("GET", "/api/v1/cluster/networks"))
+
+    def cluster_network(self, name: str) -> ClusterNetworkOut:
+        return ClusterNetworkOut.model_validate(
+            self.request("GET", f"/api/v1/cluster/networks/{name}")
+        )
+
+    def delete_cluster_network(self, name: str) -> None:
+        """409 while a cluster VM's spec names the network."""
+        self.request("DELETE", f"/api/v1/cluster/networks/{name}")
 
 
 _Model = TypeVar("_Model", bound=BaseModel)

@@ -13,11 +13,17 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Response, status
 
 from stoker.api.deps import services
 from stoker.api.problems import PROBLEM_RESPONSES
+from stoker.cluster.network_ops import ClusterNetworkOps
 from stoker.cluster.operations import MAX_PAGE, ClusterOps
+from stoker.cluster.schedule_ops import ClusterScheduleOps
 from stoker.services.container import Services
 from stoker.services.errors import NotFound
 from stoker.wire.cluster import (
+    ClusterNetworkCreate,
+    ClusterNetworkOut,
     ClusterOut,
+    ClusterScheduleCreate,
+    ClusterScheduleOut,
     ClusterVMCreate,
     ClusterVMOut,
     ClusterVMPage,
@@ -132,3 +138,84 @@ async def delete_cluster_vm(name: VMName, ops: Ops) -> Response:
 async def explain_cluster_vm(name: VMName, ops: Ops) -> ExplainOut:
     """Every node, and why it was or was not chosen for this VM now."""
     return ops.explain(name)
+
+
+# -- cluster schedules ---------------------------------------------------------------------------
+
+
+def cluster_schedules(svc: Annotated[Services, Depends(services)]) -> ClusterScheduleOps:
+    if svc.cluster is None:
+        raise NotFound("this agent is not in cluster mode (start it with --cluster URL)")
+    return svc.cluster.schedules
+
+
+Schedules = Annotated[ClusterScheduleOps, Depends(cluster_schedules)]
+ScheduleName = Annotated[str, Path(max_length=63, description="cluster schedule name")]
+
+
+@router.post("/schedules", status_code=status.HTTP_201_CREATED)
+async def create_cluster_schedule(
+    schedules: Schedules, request: Annotated[ClusterScheduleCreate, Body()]
+) -> ClusterScheduleOut:
+    """A cron schedule of start/stop/restart on cluster VMs (one by name, or a selector), run
+    once per fire by the active scheduler. One of concurrent creates of a name wins (409)."""
+    return await schedules.create(request)
+
+
+@router.get("/schedules")
+async def list_cluster_schedules(schedules: Schedules) -> list[ClusterScheduleOut]:
+    """Every cluster schedule with its next fire and its last run."""
+    return schedules.all()
+
+
+@router.get("/schedules/{name}")
+async def get_cluster_schedule(name: ScheduleName, schedules: Schedules) -> ClusterScheduleOut:
+    return schedules.get(name)
+
+
+@router.delete("/schedules/{name}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_cluster_schedule(name: ScheduleName, schedules: Schedules) -> Response:
+    await schedules.delete(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# -- cluster networks ----------------------------------------------------------------------------
+
+
+def cluster_networks(svc: Annotated[Services, Depends(services)]) -> ClusterNetworkOps:
+    if svc.cluster is None:
+        raise NotFound("this agent is not in cluster mode (start it with --cluster URL)")
+    return svc.cluster.network_ops
+
+
+Networks = Annotated[ClusterNetworkOps, Depends(cluster_networks)]
+NetworkName = Annotated[str, Path(max_length=63, description="cluster network name")]
+
+
+@router.post("/networks", status_code=status.HTTP_201_CREATED)
+async def create_cluster_network(
+    networks: Networks, request: Annotated[ClusterNetworkCreate, Body()]
+) -> ClusterNetworkOut:
+    """A network every node makes locally (bridge, NAT, DHCP), with the same body and checks
+    as a local network create; one of concurrent creates of a name wins (409 for the others).
+    Addresses are per node: each node's bridge is its own segment."""
+    return await networks.create(request)
+
+
+@router.get("/networks")
+async def list_cluster_networks(networks: Networks) -> list[ClusterNetworkOut]:
+    """Every cluster network, with the nodes where it is ready and why not elsewhere."""
+    return networks.all()
+
+
+@router.get("/networks/{name}")
+async def get_cluster_network(name: NetworkName, networks: Networks) -> ClusterNetworkOut:
+    return networks.get(name)
+
+
+@router.delete("/networks/{name}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_cluster_network(name: NetworkName, networks: Networks) -> Response:
+    """409 naming the cluster VMs whose spec names it; each node deletes its copy once no
+    local VM is on it."""
+    await networks.delete(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

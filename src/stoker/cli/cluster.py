@@ -12,6 +12,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from stoker.cli import network as network_cli
 from stoker.cli.common import (
     JSON_OPTION,
     ago,
@@ -24,7 +25,13 @@ from stoker.cli.common import (
 )
 from stoker.cli.specs import add_test_guest, parse_forward, spec_from_file
 from stoker.client import StokerError
-from stoker.wire.cluster import ClusterOut, ClusterVMOut, NodeOut
+from stoker.wire.cluster import (
+    ClusterNetworkOut,
+    ClusterOut,
+    ClusterScheduleOut,
+    ClusterVMOut,
+    NodeOut,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -318,4 +325,250 @@ def delete(ctx: typer.Context, name: str = VM_NAME) -> None:
     """
     with client(ctx) as api:
         api.delete_cluster_vm(name)
+    out.print(f"{name}: deleted")
+
+
+# -- cluster schedules ---------------------------------------------------------------------------
+
+schedule_app = typer.Typer(
+    help="Cluster schedules: cron start/stop/restart of cluster VMs, run once in the cluster.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
+
+SCHEDULE_NAME = typer.Argument(..., help="Cluster schedule name.")
+
+
+@schedule_app.command("create")
+@cluster_errors
+def schedule_create(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Schedule name: a-z, 0-9 and '-'."),
+    cron: str = typer.Option(..., "--cron", help="Cron expression, e.g. '0 8 * * 1-5' or @daily."),
+    action: str = typer.Option(..., "--action", help="start, stop or restart."),
+    vm: str | None = typer.Option(None, "--vm", help="One cluster VM."),
+    selector: list[str] = typer.Option(
+        [], "--selector", help="Every cluster VM with label key=value; repeatable."
+    ),
+    timezone: str | None = typer.Option(
+        None, "--timezone", help="IANA zone of the cron times (default: the node's)."
+    ),
+    grace: float | None = typer.Option(
+        None, "--grace", help="Seconds a fire may be late before it counts as missed."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a cluster schedule: the active scheduler runs each fire once in the cluster.
+
+    Example: stoker cluster schedule create am --cron '0 8 * * 1-5' --action start --vm web-1
+    """
+    if (vm is None) == (not selector):
+        raise fail("give exactly one target: --vm NAME or --selector key=value")
+    with client(ctx) as api:
+        made = api.create_cluster_schedule(
+            name,
+            cron,
+            action,
+            vm=vm,
+            selector=_pairs(selector, "--selector") if selector else None,
+            tz=timezone,
+            grace_s=grace,
+        )
+    if as_json:
+        print_json(made)
+    else:
+        _print_schedule(made)
+
+
+@schedule_app.command("list")
+@cluster_errors
+def schedule_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Every cluster schedule: its next run and its last result.
+
+    Example: stoker cluster schedule list
+    """
+    with client(ctx) as api:
+        items = api.cluster_schedules()
+    if as_json:
+        print_json(items)
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("NAME", "ACTION", "TARGET", "CRON", "TZ", "NEXT", "LAST"):
+        table.add_column(column, no_wrap=column != "LAST")
+    for item in items:
+        table.add_row(
+            item.name,
+            item.action,
+            _target(item),
+            item.cron,
+            item.tz,
+            ago(item.next_fire_at),
+            _last(item),
+        )
+    out.print(table)
+
+
+@schedule_app.command("show")
+@cluster_errors
+def schedule_show(
+    ctx: typer.Context, name: str = SCHEDULE_NAME, as_json: bool = JSON_OPTION
+) -> None:
+    """A cluster schedule: its target, next run and last result.
+
+    Example: stoker cluster schedule show office-hours
+    """
+    with client(ctx) as api:
+        item = api.cluster_schedule(name)
+    if as_json:
+        print_json(item)
+    else:
+        _print_schedule(item)
+
+
+@schedule_app.command("delete")
+@cluster_errors
+def schedule_delete(ctx: typer.Context, name: str = SCHEDULE_NAME) -> None:
+    """Delete a cluster schedule (the VMs stay as they are).
+
+    Example: stoker cluster schedule delete office-hours
+    """
+    with client(ctx) as api:
+        api.delete_cluster_schedule(name)
+    out.print(f"{name}: deleted")
+
+
+def _target(item: ClusterScheduleOut) -> str:
+    if item.vm is not None:
+        return f"vm {item.vm}"
+    return "selector " + ",".join(f"{k}={v}" for k, v in (item.selector or {}).items())
+
+
+def _last(item: ClusterScheduleOut) -> str:
+    run = item.last_run
+    if run is None:
+        return "-"
+    return f"{run.outcome} {ago(run.at)} on {run.node}: {run.message}"
+
+
+def _print_schedule(item: ClusterScheduleOut) -> None:
+    out.print(f"[bold]{item.name}[/bold]  {item.action} {_target(item)}", highlight=False)
+    out.print(f"cron       {item.cron} ({item.tz}), grace {item.grace_s:g} s", highlight=False)
+    nxt = (
+        f"{item.next_fire_at.isoformat()} ({ago(item.next_fire_at)})" if item.next_fire_at else "-"
+    )
+    out.print(f"next       {nxt}", highlight=False)
+    out.print(f"last       {_last(item)}", highlight=False)
+    out.print(f"created    by {item.created_by} {ago(item.created_at)}", highlight=False)
+
+
+# -- cluster networks ----------------------------------------------------------------------------
+
+network_app = typer.Typer(
+    help="Cluster networks: made on every node (each node's own bridge, DHCP and NAT).",
+    no_args_is_help=True,
+)
+app.add_typer(network_app, name="network")
+
+NETWORK_NAME = typer.Argument(..., help="Cluster network name.")
+NETWORK_STYLE = {"ready": "green", "pending": "yellow", "conflict": "red", "error": "red"}
+
+
+@network_app.command("create")
+@cluster_errors
+def network_create(
+    ctx: typer.Context,
+    name: str = network_cli.NAME_ARGUMENT,
+    subnet: str = network_cli.SUBNET_OPTION,
+    isolation: str = network_cli.ISOLATION_OPTION,
+    ipv6: bool = network_cli.IPV6_OPTION,
+    bridge: str | None = typer.Option(None, help="Bridge name on every node (default: derived)."),
+    uplink: str | None = network_cli.UPLINK_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a network every node makes locally; VMs on it go only to nodes where it is ready.
+
+    Example: stoker cluster network create backend --subnet 10.90.0.0/24
+    """
+    with client(ctx) as api:
+        net = api.create_cluster_network(
+            name, subnet, isolation=isolation, ipv6=ipv6, bridge=bridge, uplink=uplink
+        )
+    _show_network(net, as_json)
+
+
+@network_app.command("list")
+@cluster_errors
+def network_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Every cluster network and on how many nodes it is ready.
+
+    Example: stoker cluster network list
+    """
+    with client(ctx) as api:
+        networks = api.cluster_networks()
+    if as_json:
+        print_json(networks)
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("NAME", "SUBNET", "ISOLATION", "READY", "VMS", "NOT READY"):
+        table.add_column(column, no_wrap=column != "NOT READY")
+    for net in networks:
+        trouble = [f"{n.node}: {n.state}" for n in net.nodes if n.state != "ready"]
+        table.add_row(
+            net.name,
+            net.subnet,
+            net.isolation.value,
+            f"{net.ready_nodes}/{len(net.nodes)}",
+            str(len(net.vms)),
+            ", ".join(trouble) or "-",
+        )
+    out.print(table)
+
+
+@network_app.command("show")
+@cluster_errors
+def network_show(ctx: typer.Context, name: str = NETWORK_NAME, as_json: bool = JSON_OPTION) -> None:
+    """A cluster network: its definition, every node and why it is not ready there.
+
+    Example: stoker cluster network show backend
+    """
+    with client(ctx) as api:
+        net = api.cluster_network(name)
+    _show_network(net, as_json)
+
+
+def _show_network(net: ClusterNetworkOut, as_json: bool) -> None:
+    if as_json:
+        print_json(net)
+        return
+    extra = "".join(
+        f", {label} {value}"
+        for label, value in (("bridge", net.bridge), ("uplink", net.uplink))
+        if value
+    )
+    out.print(
+        f"[bold]{net.name}[/bold]  {net.subnet} ({net.isolation.value}"
+        f"{', ipv6' if net.ipv6 else ''}{extra}), created by {net.created_by}",
+        highlight=False,
+    )
+    out.print(
+        "addresses are per node: each node's bridge is its own segment (own DHCP and NAT)",
+        highlight=False,
+    )
+    for node in net.nodes:
+        style = NETWORK_STYLE.get(node.state, "white")
+        out.print(f"  {node.node}: [{style}]{node.state}[/] {node.reason}", highlight=False)
+    out.print(f"VMs        {', '.join(net.vms) or '-'}", highlight=False)
+
+
+@network_app.command("delete")
+@cluster_errors
+def network_delete(ctx: typer.Context, name: str = NETWORK_NAME) -> None:
+    """Delete a cluster network; refused while a cluster VM's spec names it.
+
+    Each node removes its copy once no local VM is on it.
+
+    Example: stoker cluster network delete backend
+    """
+    with client(ctx) as api:
+        api.delete_cluster_network(name)
     out.print(f"{name}: deleted")

@@ -32,18 +32,26 @@ def describe_default(status: NetworkingOut) -> str:
     return f"new VMs get user-mode networking: {status.reason}"
 
 
+#: the definition's options, shared with ``stoker cluster network create``
+NAME_ARGUMENT = typer.Argument(..., help="Network name: a-z, 0-9 and '-'.")
+SUBNET_OPTION = typer.Option(..., help="Private IPv4 subnet, CIDR: 10.90.0.0/24.")
+ISOLATION_OPTION = typer.Option(
+    "isolated", help="isolated: guests never reach each other; open: they do."
+)
+IPV6_OPTION = typer.Option(False, "--ipv6", help="Also a unique-local IPv6 /64 (SLAAC).")
+UPLINK_OPTION = typer.Option(None, help="Masquerade only out of this interface.")
+
+
 @app.command("create")
 @handle_errors
 def create(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Network name: a-z, 0-9 and '-'."),
-    subnet: str = typer.Option(..., help="Private IPv4 subnet, CIDR: 10.90.0.0/24."),
-    isolation: str = typer.Option(
-        "isolated", help="isolated: guests never reach each other; open: they do."
-    ),
-    ipv6: bool = typer.Option(False, "--ipv6", help="Also a unique-local IPv6 /64 (SLAAC)."),
+    name: str = NAME_ARGUMENT,
+    subnet: str = SUBNET_OPTION,
+    isolation: str = ISOLATION_OPTION,
+    ipv6: bool = IPV6_OPTION,
     bridge: str | None = typer.Option(None, help="Bridge name (default: derived, stkb...)."),
-    uplink: str | None = typer.Option(None, help="Masquerade only out of this interface."),
+    uplink: str | None = UPLINK_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a network: a bridge with the gateway, outbound NAT, DHCP, isolation.

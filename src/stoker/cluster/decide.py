@@ -27,6 +27,8 @@ class Do(StrEnum):
     TAKE_OWNER = "take-owner"
     START = "start"
     RESTART = "restart"
+    #: a restart request in the VM record (a cluster schedule): restart the running copy once
+    RESTART_REQUESTED = "restart-requested"
     STOP = "stop"
     FORCE_STOP = "force-stop"
     RELEASE_OWNER = "release-owner"
@@ -60,6 +62,8 @@ class Facts:
     owner: OwnerRecord | None
     status: StatusRecord | None
     local: Local | None
+    #: the record's ``restarts`` this node's copy has satisfied (None: nothing to compare)
+    restarts_done: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,16 @@ def _placed(f: Facts) -> Verdict:
         steps.append(Step(Do.START, "desired state is running"))
     elif local.state == S.ERROR and not local.retry_pending:
         steps.append(Step(Do.RESTART, "desired state is running; it is in error"))
+    elif local.state == S.RUNNING and restart_pending(f):
+        steps.append(Step(Do.RESTART_REQUESTED, "a restart was requested (cluster schedule)"))
     return Verdict(tuple(steps), report)
+
+
+def restart_pending(f: Facts) -> bool:
+    """The record asks for more restarts than this node's copy has satisfied."""
+    if f.record is None or f.record.restarts is None or f.restarts_done is None:
+        return False
+    return f.record.restarts > f.restarts_done
 
 
 def needs_report(f: Facts, state: VMState, reason: str) -> bool:
@@ -184,4 +197,5 @@ def needs_report(f: Facts, state: VMState, reason: str) -> bool:
         or s.incarnation != f.incarnation
         or s.state != state
         or s.reason != reason
+        or (s.restarts or 0) != (f.restarts_done or 0)
     )

@@ -12,6 +12,7 @@ a name can never smuggle a ``/`` into a key and land in another object's subtree
     /stoker/status/<vm>          observed state, written by the owner (durable)
     /stoker/networks/<name>      cluster networks
     /stoker/schedules/<name>     cluster schedules
+    /stoker/schedule-runs/<name> the latest fire handled and its result (the leader only)
     /stoker/election/scheduler/  candidates for the one active scheduler (lease-bound)
 """
 
@@ -30,6 +31,7 @@ OWNERS = ROOT + "owners/"
 STATUS = ROOT + "status/"
 NETWORKS = ROOT + "networks/"
 SCHEDULES = ROOT + "schedules/"
+SCHEDULE_RUNS = ROOT + "schedule-runs/"
 ELECTIONS = ROOT + "election/"
 SCHEDULER_ELECTION = ELECTIONS + "scheduler/"
 
@@ -90,6 +92,11 @@ def network(name: str) -> str:
 
 def schedule(name: str) -> str:
     return SCHEDULES + object_name(name, "schedule")
+
+
+def schedule_run(name: str) -> str:
+    """The latest fire of cluster schedule ``name`` already handled, and its outcome."""
+    return SCHEDULE_RUNS + object_name(name, "schedule")
 
 
 def election(name: str) -> str:

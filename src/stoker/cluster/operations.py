@@ -15,6 +15,7 @@ from stoker.cluster import keys
 from stoker.cluster.errors import unavailable
 from stoker.cluster.etcd import Condition, Delete, Etcd, EtcdError, Get
 from stoker.cluster.planner import explain, node_records, request_of
+from stoker.cluster.reads import create_once, require_synced, seen
 from stoker.cluster.records import (
     CordonRecord,
     NodeInfo,
@@ -45,7 +46,6 @@ from stoker.wire.cluster import (
     VerdictOut,
 )
 
-READ_YOUR_WRITES_S = 2.0
 MAX_PAGE = 500
 
 
@@ -68,22 +68,10 @@ class ClusterOps:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        if not self.view.synced.is_set():
-            raise unavailable(
-                EtcdError(
-                    "this node has not read the cluster state yet "
-                    f"({self.session.last_error or 'connecting to etcd'})"
-                ),
-                writing=False,
-            )
+        require_synced(self.view, self.session.last_error)
 
     async def _seen(self, revision: int) -> None:
-        """Wait until the view has caught up with ``revision`` (or a short timeout)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READ_YOUR_WRITES_S
-        version = self.view.version
-        while self.view.revision < revision and loop.time() < deadline:
-            version = await self.view.wait_changed(version, deadline - loop.time())
+        await seen(self.view, revision)
 
     def _node_state(self, name: str | None) -> NodeState | None:
         if name is None:
@@ -197,16 +185,8 @@ class ClusterOps:
             created_by=self.cfg.node_name,
             created_at=now_utc(),
         )
-        try:
-            result = await self.etcd.create(keys.vm(name), record.dump())
-        except EtcdError as exc:
-            raise unavailable(exc) from None
-        if not result.succeeded:
-            existing = result.got.get(keys.vm(name))
-            winner = load(VMRecord, existing.value, keys.vm(name)) if existing else None
-            who = f" (created by node {winner.created_by} at {winner.created_at})" if winner else ""
-            raise Conflict(f"a cluster VM named {name!r} already exists{who}")
-        await self._seen(result.revision)
+        what = f"a cluster VM named {name!r}"
+        await create_once(self.etcd, self.view, keys.vm(name), record, what)
         if wait_s > 0:
             await self._wait_for(lambda: self._placement(name) is not None, wait_s)
         return self.get(name)

@@ -13,20 +13,22 @@ memory on its node whatever its desired state, so a stopped VM can always start 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from stoker.cluster.networks import network_of, not_ready
 from stoker.cluster.records import (
     CordonRecord,
     NodeInfo,
+    NodeNetworksRecord,
     PlacementRecord,
     Policy,
     VMRecord,
     movable,
 )
 from stoker.domain.capacity import Allocation, release
-from stoker.domain.placement import Decision, NodeRecord, VMRequest, assign, place
+from stoker.domain.placement import Decision, NodeRecord, Verdict, VMRequest, assign, place
 from stoker.domain.units import MiB
 
 
@@ -41,6 +43,10 @@ class Snapshot:
     vms: Mapping[str, tuple[int, VMRecord]]
     placements: Mapping[str, PlacementRecord]
     policy: Policy = "binpack"
+    #: cluster network name -> its create revision (docs/cluster.md, "Cluster networks")
+    networks: Mapping[str, int] = field(default_factory=dict)
+    #: node -> its report of the cluster networks ready there
+    node_networks: Mapping[str, NodeNetworksRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,48 @@ def unassign(node: NodeRecord, request: VMRequest) -> NodeRecord:
     return replace(node, allocated=allocated, groups=groups)
 
 
+@dataclass(frozen=True)
+class NetworkDecision(Decision):
+    """A decision among the nodes where the VM's cluster network is ready; every other node
+    is judged too, with why the network rules it out first."""
+
+    network: str = ""
+    #: node -> why the network is not ready there
+    blocked: Mapping[str, str] = field(default_factory=dict)
+
+    def verdicts(self) -> list[Verdict]:
+        out = []
+        for verdict in super().verdicts():
+            why = self.blocked.get(verdict.node)
+            if why is None:
+                out.append(verdict)
+                continue
+            rest = tuple(r for r in verdict.reasons if not r.startswith(("chosen", "fits")))
+            first = f"network {self.network} not ready here: {why}"
+            out.append(Verdict(verdict.node, False, False, (first, *rest)))
+        return out
+
+
+def choose(
+    snap: Snapshot, record: VMRecord, request: VMRequest, nodes: Iterable[NodeRecord]
+) -> Decision:
+    """``place``, among only the nodes that report the VM's cluster network ready (at its
+    current revision) when its spec names one; a network that is not a cluster network
+    (the node's default, a node's own) does not filter."""
+    pool = tuple(nodes)
+    network = network_of(record.spec)
+    incarnation = snap.networks.get(network) if network is not None else None
+    if network is None or incarnation is None:
+        return place(request, pool)
+    blocked = {}
+    for node in pool:
+        why = not_ready(snap.node_networks.get(node.name), network, incarnation)
+        if why is not None and not node.lost:
+            blocked[node.name] = why
+    inner = place(request, [n for n in pool if n.name not in blocked])
+    return NetworkDecision(request, inner.node, inner.score, pool, network, blocked)
+
+
 def explain(snap: Snapshot, name: str) -> Decision:
     """Where ``name`` would go now, with every node's verdict (its own reservation removed
     from its current node first, so that node is judged as if the VM were not there)."""
@@ -103,7 +151,7 @@ def explain(snap: Snapshot, name: str) -> Decision:
     placed = snap.placements.get(name)
     if placed is not None and placed.incarnation == incarnation and placed.node in nodes:
         nodes[placed.node] = unassign(nodes[placed.node], request)
-    return place(request, nodes.values())
+    return choose(snap, record, request, nodes.values())
 
 
 @dataclass
@@ -158,7 +206,7 @@ def _place_new(
     request: VMRequest,
     current: PlacementRecord | None,
 ) -> None:
-    decision = place(request, work.nodes.values())
+    decision = choose(work.snap, work.snap.vms[name][1], request, work.nodes.values())
     if decision.node is not None:
         work.nodes[decision.node] = assign(work.nodes[decision.node], request)
         summary = f"placed on {decision.node} ({request.policy})"
@@ -208,7 +256,7 @@ def _check_placed(
         return
     if node in work.nodes:
         work.nodes[node] = unassign(work.nodes[node], request)
-    decision = place(request, work.nodes.values())
+    decision = choose(work.snap, record, request, work.nodes.values())
     if decision.node is None:
         note = f"{trouble}; cannot move: {decision.summary()}"
         if node in work.nodes:

@@ -89,6 +89,8 @@ class Reconciler:
         #: name -> (incarnation, why) when this node could not create its local copy
         self._refused: dict[str, tuple[int, str, float]] = {}
         self._completed: dict[tuple[str, int, int], VMSpec] = {}
+        #: name -> (incarnation, the record's ``restarts`` its copy has satisfied)
+        self._restarts: dict[str, tuple[int, int]] = {}
         self._task: asyncio.Task[None] | None = None
 
     # -- running -------------------------------------------------------------------------------
@@ -198,6 +200,7 @@ class Reconciler:
                 spec_differs=differs,
                 retry_pending=copy.next_retry_at is not None,
             )
+        status = self.view.record(keys.status(name), StatusRecord)
         return Facts(
             me=self.me,
             lease=self.session.lease_id,
@@ -206,9 +209,38 @@ class Reconciler:
             record=record,
             placement=self.view.record(keys.placement(name), PlacementRecord),
             owner=self.view.record(keys.owner(name), OwnerRecord),
-            status=self.view.record(keys.status(name), StatusRecord),
+            status=status,
             local=local,
+            restarts_done=self._restarts_done(name, incarnation, record, status),
         )
+
+    def _restarts_done(
+        self,
+        name: str,
+        incarnation: int | None,
+        record: VMRecord | None,
+        status: StatusRecord | None,
+    ) -> int | None:
+        """What this node's copy has satisfied of the record's restart requests: what it did
+        since the agent started, else what it last reported (so a request made while the
+        agent was down is still done), else all of them (a copy new here has nothing to
+        restart for)."""
+        if record is None or incarnation is None:
+            return None
+        known = self._restarts.get(name)
+        if known is not None and known[0] == incarnation:
+            return known[1]
+        if status is not None and status.node == self.me and status.incarnation == incarnation:
+            done = status.restarts or 0
+        else:
+            done = record.restarts or 0
+        self._restarts[name] = (incarnation, done)
+        return done
+
+    def _satisfied(self, name: str, f: Facts) -> None:
+        """A (re)start of the copy satisfies every restart request made so far."""
+        if f.record is not None and f.incarnation is not None:
+            self._restarts[name] = (f.incarnation, f.record.restarts or 0)
 
     def _differs(self, copy: VM, record: VMRecord, incarnation: int, revision: int) -> bool:
         key = (copy.name, incarnation, revision)
@@ -273,10 +305,15 @@ class Reconciler:
         elif do == Do.TAKE_OWNER:
             return await self._take(name, f)
         elif do == Do.START:
+            self._satisfied(name, f)
             await self.lifecycle.start(name, reason=why)
         elif do == Do.RESTART:
             self._backoff_more(name)
+            self._satisfied(name, f)
             await self.lifecycle.restart(name, graceful=False, reason=why)
+        elif do == Do.RESTART_REQUESTED:
+            self._satisfied(name, f)  # once: a failed restart is the restart policy's now
+            await self.lifecycle.restart(name, graceful=True, reason=why)
         elif do == Do.STOP:
             await self.lifecycle.stop(name, graceful=True, reason=why)
         elif do == Do.FORCE_STOP:
@@ -291,6 +328,7 @@ class Reconciler:
             await self.lifecycle.delete(name, force=True, snapshots="keep")
             self._backoff.pop(name, None)
             self._refused.pop(name, None)
+            self._restarts.pop(name, None)
         return True
 
     async def _take(self, name: str, f: Facts) -> bool:
@@ -340,6 +378,7 @@ class Reconciler:
             reason=reason[:2000],
             since=since,
             reported_at=now_utc(),
+            restarts=f.restarts_done or None,
         )
         with contextlib.suppress(EtcdError):
             await self.etcd.txn(

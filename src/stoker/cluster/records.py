@@ -11,11 +11,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stoker.domain import cron
 from stoker.domain.capacity import NodeCapacity
+from stoker.domain.networks import NetworkSpec
 from stoker.domain.spec import VMSpec
 from stoker.domain.states import VMState
+from stoker.services.scheduler.config import ZoneName
 from stoker.wire.cluster import CLUSTER_LABEL as CLUSTER_LABEL  # the records' vocabulary
 from stoker.wire.cluster import PlacementRules as PlacementRules
 
@@ -49,7 +52,15 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-class VMRecord(Record):
+class CreatedRecord(Record):
+    """A named object created once (VMs, networks, schedules): who made it and when, for
+    the loser of a create race and for ``show``."""
+
+    created_by: str = Field(pattern=NODE_NAME_PATTERN)
+    created_at: datetime
+
+
+class VMRecord(CreatedRecord):
     """``vms/<name>``: what the operator asked for. Durable; created once per name."""
 
     spec: VMSpec
@@ -58,8 +69,8 @@ class VMRecord(Record):
     #: true: may be started elsewhere when its node is lost; false: never moved; null: moved
     #: only when it has no writable drive
     stateless: bool | None = None
-    created_by: str = Field(pattern=NODE_NAME_PATTERN)
-    created_at: datetime
+    #: restart requests (cluster schedules): its node restarts a running copy once per bump
+    restarts: int | None = Field(default=None, ge=1, le=2**62)
 
 
 class PlacementRecord(Record):
@@ -94,6 +105,8 @@ class StatusRecord(Record):
     reason: str = Field(max_length=2000)
     since: datetime
     reported_at: datetime
+    #: the VM record's ``restarts`` this node's copy has satisfied (by a restart or a start)
+    restarts: int | None = Field(default=None, ge=1, le=2**62)
 
 
 class CapacityRecord(Record):
@@ -153,6 +166,76 @@ class CordonRecord(Record):
     drain: bool = False
     reason: str = Field(default="", max_length=500)
     at: datetime
+
+
+ScheduleAction = Literal["start", "stop", "restart"]
+ScheduleOutcome = Literal["ok", "no-targets", "missed"]
+OBJECT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class ScheduleRecord(CreatedRecord):
+    """``schedules/<name>``: a cron schedule of an action on cluster VMs. Durable; created
+    once per name. Its create revision tells its run record from an older namesake's."""
+
+    cron: str = Field(max_length=256)
+    tz: ZoneName = Field(max_length=64)
+    action: ScheduleAction
+    vm: str | None = Field(default=None, pattern=OBJECT_NAME_PATTERN)
+    selector: dict[str, str] | None = Field(default=None, max_length=16)
+    #: a fire later than this is recorded as missed instead of run
+    grace_s: float = Field(default=600.0, ge=0, le=7 * 86400)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return cron.validate_cron(v)
+
+
+class ScheduleRunRecord(Record):
+    """``schedule-runs/<name>``: the latest fire already handled (fires after it are due)
+    and what happened then. Written only by the leader, in the same transaction as the
+    run's own writes, so a fire is handled once across leader changes."""
+
+    #: the create revision of the schedule record this belongs to
+    schedule_revision: int = Field(ge=1)
+    last_fire_at: datetime
+    #: the fire this outcome is about (for "missed": the latest one missed)
+    fire_at: datetime
+    action: ScheduleAction
+    outcome: ScheduleOutcome
+    #: the VMs the run targeted, and those whose record it changed
+    vms: list[str] = Field(default_factory=list, max_length=128)
+    changed: list[str] = Field(default_factory=list, max_length=128)
+    missed: int = Field(default=0, ge=0, le=100_000)
+    message: str = Field(max_length=2000)
+    node: str = Field(pattern=NODE_NAME_PATTERN)
+    at: datetime
+
+
+class NetworkRecord(CreatedRecord):
+    """``networks/<name>``: a cluster network, the same definition as a local network create
+    (``NetworkSpec``); every node makes a local copy. Durable; created once per name, and its
+    create revision tells a node's copy of it from one of an older namesake."""
+
+    spec: NetworkSpec
+
+
+class NodeNetworksRecord(Record):
+    """``node-networks/<node>``: which cluster networks are ready on the node (name -> the
+    create revision of the definition its copy matches) and why the others are not. Durable;
+    written by the node only when it changes. The scheduler places a VM on network N only on
+    nodes listing N at N's current revision."""
+
+    ready: dict[str, int] = Field(default_factory=dict, max_length=4096)
+    problems: dict[str, str] = Field(default_factory=dict, max_length=4096)
+    at: datetime
+
+    @field_validator("problems")
+    @classmethod
+    def _short(cls, v: dict[str, str]) -> dict[str, str]:
+        if any(len(reason) > 2000 for reason in v.values()):
+            raise ValueError("a problem is at most 2000 characters")
+        return v
 
 
 def movable(record: VMRecord) -> tuple[bool, str]:

@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from stoker.cluster import keys
 from stoker.cluster.election import Election
 from stoker.cluster.etcd import Delete, Etcd, EtcdError, LeaseNotFound, Put, absent, unchanged
+from stoker.cluster.networks import NODE_NETWORKS
 from stoker.cluster.planner import Change, Snapshot, plan
 from stoker.cluster.records import (
     CandidateRecord,
     CordonRecord,
+    NetworkRecord,
     NodeInfo,
+    NodeNetworksRecord,
     PlacementRecord,
     VMRecord,
 )
@@ -48,6 +51,13 @@ def snapshot(view: ClusterView, policy: str) -> Snapshot:
             n: rec for n, (_, rec) in view.records(keys.PLACEMENTS, PlacementRecord).items()
         },
         policy="spread" if policy == "spread" else "binpack",
+        networks={
+            n: kv.create_revision
+            for n, (kv, _) in view.records(keys.NETWORKS, NetworkRecord).items()
+        },
+        node_networks={
+            n: rec for n, (_, rec) in view.records(NODE_NETWORKS, NodeNetworksRecord).items()
+        },
     )
 
 
@@ -69,6 +79,9 @@ class ClusterScheduler:
         self.last_pass_changes = 0
         self._task: asyncio.Task[None] | None = None
         self._election: Election | None = None
+        #: more work only the leader does after each pass (cluster schedules); each returns
+        #: the revision of its last write (0: none) and never raises for its own failures
+        self.leader_tasks: list[Callable[[Election], Awaitable[int]]] = []
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster scheduler")
@@ -122,6 +135,8 @@ class ClusterScheduler:
         version = -1
         while self.session.lease_id == lease and self.session.may_run():
             written = await self.pass_once(election)
+            for task in self.leader_tasks:
+                written = max(written, await task(election))
             if written:
                 await self._catch_up(written)
             version = await self.view.wait_changed(version, PASS_EVERY_S)

@@ -19,10 +19,14 @@ from stoker import __version__
 from stoker.cluster.config import ClusterConfig, cluster_config
 from stoker.cluster.etcd import Etcd
 from stoker.cluster.fencer import Fencer
+from stoker.cluster.network_ops import ClusterNetworkOps
+from stoker.cluster.network_sync import NetworkSync
 from stoker.cluster.operations import ClusterOps
 from stoker.cluster.ownership import Ownership
 from stoker.cluster.reconciler import Reconciler
 from stoker.cluster.records import CapacityRecord, NodeInfo, now_utc
+from stoker.cluster.schedule_ops import ClusterScheduleOps
+from stoker.cluster.schedule_runner import ScheduleRunner
 from stoker.cluster.scheduler import ClusterScheduler
 from stoker.cluster.session import GuardLink, NodeSession
 from stoker.cluster.view import ClusterView
@@ -30,6 +34,7 @@ from stoker.config import AgentConfig, ConfigError
 from stoker.domain.capacity import NodeCapacity
 from stoker.domain.events import Event
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.networks import NetworkService
 
 log = logging.getLogger("stoker.cluster")
 
@@ -67,13 +72,15 @@ class ClusterMembership:
             raise ConfigError("cluster mode needs a [cluster] table with endpoints")
         return cls(cfg, config.data_dir, capacity)
 
-    def node(self, lifecycle: Lifecycle) -> ClusterNode:
+    def node(self, lifecycle: Lifecycle, networks: NetworkService) -> ClusterNode:
         """The rest of cluster mode, once the lifecycle exists."""
-        return ClusterNode(self, lifecycle)
+        return ClusterNode(self, lifecycle, networks)
 
 
 class ClusterNode:
-    def __init__(self, membership: ClusterMembership, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self, membership: ClusterMembership, lifecycle: Lifecycle, networks: NetworkService
+    ) -> None:
         self.membership = membership
         self.cfg = membership.cfg
         self.etcd = membership.etcd
@@ -85,6 +92,17 @@ class ClusterNode:
         )
         self.scheduler = ClusterScheduler(self.etcd, self.view, self.session)
         self.ops = ClusterOps(self.etcd, self.view, self.session, self.scheduler)
+        #: cluster networks: every node makes its local copies; the API on every node
+        self.network_sync = NetworkSync(
+            self.etcd, self.view, self.session, networks, lifecycle.directory, lifecycle.events
+        )
+        self.network_ops = ClusterNetworkOps(self.etcd, self.view, self.session)
+        #: cluster schedules: run by whichever node's scheduler leads; the API on every node
+        self.schedule_runner = ScheduleRunner(
+            self.etcd, self.view, self.cfg.node_name, lifecycle.events, self.cfg.etcd_timeout_s
+        )
+        self.scheduler.leader_tasks.append(self.schedule_runner.tick)
+        self.schedules = ClusterScheduleOps(self.etcd, self.view, self.cfg.node_name)
 
     def on_event(self, event: Event) -> None:
         self.reconciler.on_event(event)
@@ -96,6 +114,7 @@ class ClusterNode:
         self.fencer.refresh_guard()
         await self.fencer.start()
         await self.view.start()
+        await self.network_sync.start()
         await self.reconciler.start()
         await self.scheduler.start()
         log.info(
@@ -111,6 +130,7 @@ class ClusterNode:
         and the guard process fences the VMs if none does within the window."""
         await self.scheduler.stop()
         await self.reconciler.stop()
+        await self.network_sync.stop()
         await self.fencer.stop()
         await self.view.stop()
         await self.session.stop()

@@ -5,13 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stoker.domain.spec import MAX_LABELS, NAME_PATTERN, VMSpec
+from stoker.domain.cron import validate_cron
+from stoker.domain.networks import Isolation, NetworkSpec
+from stoker.domain.spec import CONTROL_RE, LABEL_KEY_RE, MAX_LABELS, NAME_PATTERN, VMSpec
 
 __all__ = [
     "CLUSTER_LABEL",
+    "ClusterNetworkCreate",
+    "ClusterNetworkNodeOut",
+    "ClusterNetworkOut",
     "ClusterOut",
+    "ClusterScheduleCreate",
+    "ClusterScheduleOut",
+    "ClusterScheduleRunOut",
     "ClusterVMCreate",
     "ClusterVMOut",
     "ClusterVMPage",
@@ -190,3 +198,112 @@ class ExplainOut(BaseModel):
     note: str | None
     verdicts: list[VerdictOut]
     text: str
+
+
+# -- cluster schedules ---------------------------------------------------------------------------
+
+ClusterScheduleAction = Literal["start", "stop", "restart"]
+
+
+class ClusterScheduleCreate(_Input):
+    """POST /api/v1/cluster/schedules: a cron schedule of start/stop/restart on cluster VMs,
+    run once per fire in the cluster by the active scheduler."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    cron: str = Field(max_length=256, description="5-field cron expression or @hourly/@daily/...")
+    tz: str | None = Field(
+        default=None,
+        max_length=64,
+        description="IANA zone the cron times are in; default: the answering node's",
+    )
+    action: ClusterScheduleAction
+    vm: str | None = Field(default=None, pattern=NAME_PATTERN, description="one cluster VM")
+    selector: dict[str, str] | None = Field(
+        default=None, max_length=16, description="every cluster VM with all these labels"
+    )
+    grace_s: float = Field(
+        default=600.0, ge=0, le=7 * 86400, description="a fire later than this is missed"
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return validate_cron(v)
+
+    @model_validator(mode="after")
+    def _target(self) -> ClusterScheduleCreate:
+        if (self.vm is None) == (self.selector is None):
+            raise ValueError("give exactly one target: vm (a cluster VM) or selector (labels)")
+        for key, value in (self.selector or {}).items():
+            if not LABEL_KEY_RE.fullmatch(key):
+                raise ValueError(f"selector: label key {key!r} must match {LABEL_KEY_RE.pattern}")
+            if len(value) > 256 or CONTROL_RE.search(value):
+                raise ValueError(f"selector: label {key!r} value must be one line of at most 256")
+        if self.selector == {}:
+            raise ValueError("selector: give at least one label, or target a vm instead")
+        return self
+
+
+class ClusterScheduleRunOut(BaseModel):
+    fire_at: datetime
+    at: datetime = Field(description="when the run was committed")
+    node: str = Field(description="the scheduler that ran it")
+    action: str
+    outcome: Literal["ok", "no-targets", "missed"]
+    vms: list[str] = Field(description="the VMs it targeted")
+    changed: list[str] = Field(description="the VMs whose desired state it changed")
+    missed: int
+    message: str
+
+
+class ClusterScheduleOut(BaseModel):
+    name: str
+    cron: str
+    tz: str
+    action: str
+    vm: str | None
+    selector: dict[str, str] | None
+    grace_s: float
+    created_by: str
+    created_at: datetime
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None = Field(description="the latest fire already handled")
+    last_run: ClusterScheduleRunOut | None
+    revision: int
+
+
+# -- cluster networks ----------------------------------------------------------------------------
+
+#: POST /api/v1/cluster/networks: the same body, with the same checks, as a local network create
+ClusterNetworkCreate = NetworkSpec
+
+NetworkNodeState = Literal["ready", "pending", "conflict", "error", "lost"]
+
+
+class ClusterNetworkNodeOut(BaseModel):
+    node: str
+    state: NetworkNodeState = Field(
+        description="ready: its local copy matches; pending: being made; conflict: a local "
+        "network of that name the cluster does not manage, or a different copy, is there; "
+        "error: it cannot be made there; lost: the node is lost"
+    )
+    reason: str
+
+
+class ClusterNetworkOut(BaseModel):
+    name: str
+    subnet: str
+    isolation: Isolation
+    ipv6: bool
+    bridge: str | None
+    uplink: str | None
+    incarnation: int = Field(description="the revision that created it (a new one per re-create)")
+    created_by: str
+    created_at: datetime
+    nodes: list[ClusterNetworkNodeOut] = Field(
+        description="every node, and whether the network is ready there (each node's bridge "
+        "is its own segment: its own DHCP and NAT, addresses per node)"
+    )
+    ready_nodes: int
+    vms: list[str] = Field(description="cluster VMs whose spec names this network")
+    revision: int
