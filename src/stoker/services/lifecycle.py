@@ -567,7 +567,9 @@ class Lifecycle:
                 async with self._lock(vm_id):
                     if self._owns(vm_id, vmm) and self._get(vm_id).state == boot_state:
                         done = "restarted" if boot_state == S.RESTARTING else "guest ready"
-                        await self.set_state(vm_id, S.RUNNING, done)
+                        # not waited onto the disk, as ``starting``: a power cut ends the VMM,
+                        # so ``running`` can never be what is true after one
+                        await self.set_state(vm_id, S.RUNNING, done, durable=False)
                         await self._notify_up(vm_id, vmm)
                         up = True
                 if up:
