@@ -430,11 +430,12 @@ class Lifecycle:
                     EventType.VM_START_VETOED, f"{vm.name}: start vetoed: {exc}", vm.id
                 )
                 raise Conflict(f"start of {vm.name} vetoed by a pre-start hook: {exc}") from exc
-        self.gate.reserve(vm)
+        # the reservation and ``starting`` in one commit (a refused reservation leaves nothing
+        # written), not waited onto the disk: what must outlive a power cut is what stays
+        # true after one, and a power cut ends the VMM this start makes
+        reserve = functools.partial(self.gate.reserve, vm)
+        await self.set_state(vm.id, S.STARTING, reason, (reserve,), durable=False)
         try:
-            # not waited onto the disk: what must outlive a power cut is what stays true
-            # after one, and a power cut ends the VMM this start makes
-            await self.set_state(vm.id, S.STARTING, reason, durable=False)
             await self._spawn(vm, boot_state=S.STARTING, restore_from=restore_from)
         except BaseException:
             self.gate.release(vm.id)
