@@ -288,8 +288,9 @@ class Driver(Protocol):
         launched: Launched | None = None,
     ) -> VMM:
         """Start a fresh VMM from saved state ``state`` and leave it running (paused, with
-        ``boot.resume_restored`` False). ``launched`` as for :meth:`spawn`: before the state
-        is loaded, so the loaded memory is charged to the VM's own cgroup."""
+        ``boot.resume_restored`` False). ``launched`` as for :meth:`spawn`, before the driver
+        asks for the state to be loaded (QEMU reads an ``-incoming`` descriptor on its own
+        once initialised, which is later than a placement awaited here)."""
 
     def orphan(self, vm_id: str, paths: VMPaths) -> ProcessRecord | None:
         """A VMM of this VM that runs but was never recorded (the agent died right after
