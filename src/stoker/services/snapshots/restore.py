@@ -66,7 +66,8 @@ async def restore_snapshot(ctx: SnapshotContext, snapshot_id: str) -> tuple[Snap
             vm = await ctx.lifecycle.stop(vm.id, graceful=False, reason=reason)
         async with ctx.lifecycle.exclusive(vm.id):
             try:
-                await asyncio.to_thread(_put_disks_back, vm.spec, root, snap.id)
+                if vm.spec.drives:  # a VM without disks has only memory to restore
+                    await asyncio.to_thread(_put_disks_back, vm.spec, root, snap.id)
             except OSError as exc:  # a full disk, say: every disk is still as it was
                 _failed(ctx, vm, snap, str(exc))
                 raise RestoreFailed(
