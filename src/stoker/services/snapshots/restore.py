@@ -78,12 +78,16 @@ async def restore_snapshot(ctx: SnapshotContext, snapshot_id: str) -> tuple[Snap
         if snap.with_memory:
             await _resume_from_memory(ctx, vm, snap, root)
         vm = ctx.lifecycle.get(vm.id)
-        ctx.events.publish(
-            EventType.SNAPSHOT_RESTORED,
-            f"{vm.name}: restored from snapshot {snap.id}; now {vm.state.value}",
-            vm.id,
-            snapshot=snap.id,
-        )
+        # not waited onto the disk, as the ``running`` it follows: a power cut ends the VM
+        # it tells of (the disks put back were fsynced before the VM started)
+        with ctx.store.db.write(durable=False):
+            event = ctx.events.record(
+                EventType.SNAPSHOT_RESTORED,
+                f"{vm.name}: restored from snapshot {snap.id}; now {vm.state.value}",
+                vm.id,
+                snapshot=snap.id,
+            )
+        ctx.events.deliver(event)
         return snap, vm
 
 
