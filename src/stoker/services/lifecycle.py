@@ -682,7 +682,7 @@ class Lifecycle:
 
     async def _kill_now(self, vm: VM, owned: OwnedVMM, reason: str) -> None:
         """A forced stop. SIGKILL cannot be refused, so both transitions and the cleared
-        process record are written down (one fsync) while the kernel tears the VMM down;
+        process record are written down (one transaction) while the kernel tears the VMM down;
         the events go out, and the caller is answered, once it is gone. An agent killed in
         between finds the VM stopped and no VMM to adopt (a dying one is an orphan it ends)."""
         self.directory.disown(vm.id)
@@ -691,10 +691,11 @@ class Lifecycle:
             functools.partial(self.vms.set_process, vm.id, None),
             functools.partial(self.gate.release, vm.id),
         )
-        changes = (
-            self._record_state(vm.id, S.STOPPING, reason, durable=False),
-            self._record_state(vm.id, S.STOPPED, "forced stop: VMM killed", along),
-        )
+        with self.vms.db.write():  # both transitions in one transaction, one fsync
+            changes = (
+                self._record_state(vm.id, S.STOPPING, reason),
+                self._record_state(vm.id, S.STOPPED, "forced stop: VMM killed", along),
+            )
         try:
             await asyncio.wait_for(asyncio.shield(owned.watch.exited), KILL_WAIT_S)
         except TimeoutError:
