@@ -115,7 +115,7 @@ def ms(value: float) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--snapshot-rounds", type=int, default=5)
+    parser.add_argument("--snapshot-rounds", type=int, default=10)
     parser.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
 
