@@ -63,7 +63,8 @@ class SnapshotPolicySpec(BaseModel):
 
 
 class NetworkSpec(BaseModel):
-    """A ``[[network]]``: kept small until the networking service lands."""
+    """A ``[[network]]``: a managed network's name, subnet and isolation (its other options,
+    such as IPv6 or an uplink, keep their defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
