@@ -11,7 +11,6 @@ line: it kills by the same deadline plus half the budget, agent or no agent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -23,6 +22,7 @@ from stoker.domain.vm import VM
 from stoker.host.proc import is_same_live_process, kill
 from stoker.services.errors import ServiceError
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.loops import cancel
 
 log = logging.getLogger("stoker.cluster")
 
@@ -56,11 +56,8 @@ class Fencer:
         self._task = asyncio.create_task(self._run(), name="cluster fencer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     def refresh_guard(self) -> None:
         self.session.guard.set_vms(guard_list(self.lifecycle))

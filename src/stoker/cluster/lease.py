@@ -14,13 +14,13 @@ received it, which is later, so this is never optimistic) and reports
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
 
 from stoker.cluster.etcd import Etcd, EtcdError, EtcdUnavailable, Lease, LeaseNotFound
+from stoker.services.loops import cancel
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,8 @@ class LeaseKeeper:
 
     async def stop(self, *, revoke: bool = False) -> None:
         """Stop renewing; with ``revoke`` also delete the lease (and its keys) now."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         if revoke and self.state != LeaseState.EXPIRED:
             try:
                 await self.etcd.revoke(self.lease.id)

@@ -13,7 +13,6 @@ deleted, and the report is written once etcd answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from stoker.domain.spec import NetworkMode
 from stoker.services.directory import VMDirectory
 from stoker.services.errors import ServiceError
 from stoker.services.events import EventBus
+from stoker.services.loops import cancel
 from stoker.services.networks import NetworkService
 
 log = logging.getLogger("stoker.cluster")
@@ -76,11 +76,8 @@ class NetworkSync:
         self._task = asyncio.create_task(self._run(), name="cluster networks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         await self.view.synced.wait()

@@ -45,6 +45,7 @@ from stoker.domain.states import IllegalAction, VMState
 from stoker.domain.vm import VM
 from stoker.services.errors import ServiceError
 from stoker.services.lifecycle import Lifecycle
+from stoker.services.loops import cancel
 
 log = logging.getLogger("stoker.cluster")
 
@@ -99,11 +100,8 @@ class Reconciler:
         self._task = asyncio.create_task(self._run(), name="cluster reconciler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         for task in list(self._busy.values()):
             task.cancel()
         await asyncio.gather(*self._busy.values(), return_exceptions=True)

@@ -31,6 +31,7 @@ from stoker.cluster.records import (
 )
 from stoker.cluster.session import NodeSession
 from stoker.cluster.view import ClusterView
+from stoker.services.loops import cancel
 
 log = logging.getLogger("stoker.cluster")
 
@@ -87,11 +88,8 @@ class ClusterScheduler:
         self._task = asyncio.create_task(self._run(), name="cluster scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         if self._election is not None and self.leading:
             with contextlib.suppress(EtcdError):
                 await self._election.resign()  # the next candidate leads at once

@@ -32,6 +32,7 @@ from stoker.cluster.fencing import Fence, Standing, renew_interval
 from stoker.cluster.guard import FenceState, ensure_guard, read_state, write_state
 from stoker.cluster.probe import etcd_down_everywhere
 from stoker.cluster.records import AliveRecord, NodeInfo, now_utc
+from stoker.services.loops import cancel
 
 log = logging.getLogger("stoker.cluster")
 
@@ -160,11 +161,8 @@ class NodeSession:
         self._task = asyncio.create_task(self._run(), name="cluster lease")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     def _fence(self, ttl: float, base: float) -> Fence:
         return Fence(

@@ -17,6 +17,7 @@ from typing import TypeVar
 from stoker.cluster import keys
 from stoker.cluster.etcd import Etcd, EtcdError, KeyValue, RevisionCompacted
 from stoker.cluster.records import Record, load
+from stoker.services.loops import cancel
 
 log = logging.getLogger("stoker.cluster")
 
@@ -44,11 +45,8 @@ class ClusterView:
         self._task = asyncio.create_task(self._run(), name="cluster view")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

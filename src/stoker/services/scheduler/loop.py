@@ -19,6 +19,7 @@ from stoker.domain import cron
 from stoker.domain.events import EventType
 from stoker.domain.schedules import RunRecord, ScheduleRecord
 from stoker.services.events import EventBus
+from stoker.services.loops import cancel
 from stoker.services.scheduler.actions import Actions, Clock, Result, Sleep, label
 from stoker.services.scheduler.config import SchedulerConfig, zone
 from stoker.store import schedules as st
@@ -188,11 +189,8 @@ class ScheduleLoop:
         self._loop_task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await cancel(self._loop_task)
+        self._loop_task = None
         runs = list(self._runs.values())
         if runs:
             _done, pending = await asyncio.wait(runs, timeout=self.config.stop_grace_s)
