@@ -17,31 +17,14 @@ from stoker.manifest import (
     Step,
     VMRecord,
 )
-from stoker.services.lifecycle import Lifecycle
-from stoker.services.networks import NetworkService
-from stoker.services.quotas import QuotaService
-from stoker.services.scheduler import Scheduler, ScheduleSpec, ScheduleUpdate
-from stoker.services.snapshots import SnapshotService
+from stoker.services.manifests.host import HostServices
+from stoker.services.scheduler import ScheduleSpec, ScheduleUpdate
 
 REASON = "manifest apply"
 _T = TypeVar("_T")
 
 
-class StepRunner:
-    def __init__(
-        self,
-        lifecycle: Lifecycle,
-        quotas: QuotaService,
-        snapshots: SnapshotService,
-        scheduler: Scheduler,
-        networks: NetworkService,
-    ) -> None:
-        self.lifecycle = lifecycle
-        self.quotas = quotas
-        self.snapshots = snapshots
-        self.scheduler = scheduler
-        self.networks = networks
-
+class StepRunner(HostServices):
     async def run(self, step: Step) -> str | None:
         """Carry out ``step``; the id of the object it made or changed (None for a delete)."""
         if step.kind == Kind.VM:

@@ -42,21 +42,19 @@ class Host:
     ids: dict[tuple[str, str], str]
 
 
-class HostReader:
-    def __init__(
-        self,
-        lifecycle: Lifecycle,
-        quotas: QuotaService,
-        snapshots: SnapshotService,
-        scheduler: Scheduler,
-        networks: NetworkService,
-    ) -> None:
-        self.lifecycle = lifecycle
-        self.quotas = quotas
-        self.snapshots = snapshots
-        self.scheduler = scheduler
-        self.networks = networks
+@dataclass(frozen=True)
+class HostServices:
+    """The services a manifest reads the host through and changes it with: what the
+    reader and the step runner both hold."""
 
+    lifecycle: Lifecycle
+    quotas: QuotaService
+    snapshots: SnapshotService
+    scheduler: Scheduler
+    networks: NetworkService
+
+
+class HostReader(HostServices):
     def read(self, rows: Rows) -> Host:
         ids: dict[tuple[str, str], str] = {}
 
