@@ -21,56 +21,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.manifest_plan import DEFAULTS
+from bench import manifest_plan
 from bench.report import record
 from stoker.client import Client
 from stoker.wire import ManifestFile
 from tests.helpers import AgentProcess, guest_image
 
-VM = """
-[[vm]]
-name = "vm-{i:04d}"
-vcpus = {vcpus}
-memory_mib = {memory}
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-ready_marker = "{marker}"
-network = {{ mode = "none" }}
-labels = {{ tier = "{tier}", rack = "r{rack}" }}
-quota = {{ cpu_percent = {cpu} }}
 
-[[vm.schedules]]
-action = "start"
-cron = "0 8 * * 1-5"
-
-[[vm.schedules]]
-action = "stop"
-cron = "0 18 * * *"
-"""
-
-
-def write_manifest(directory: Path, vms: int, cpu_step: int = 10, files: int = 4) -> None:
+def write_manifest(directory: Path, vms: int, cpu_step: int = 10) -> None:
+    """The plan benchmark's manifest, on the real test guest and without a network (the
+    agent checks every file it names, and no VM here is started)."""
     image = guest_image()
-    per_file = -(-vms // files)
-    for f in range(files):
-        parts = [DEFAULTS] if f == 0 else []
-        for i in range(f * per_file, min(vms, (f + 1) * per_file)):
-            parts.append(
-                VM.format(
-                    i=i,
-                    vcpus=1 + i % 2,
-                    memory=128 * (1 + i % 4),
-                    kernel=image.kernel,
-                    initrd=image.initrd,
-                    cmdline=image.cmdline,
-                    marker=image.ready_marker,
-                    tier=("web", "db", "batch")[i % 3],
-                    rack=i % 8,
-                    cpu=50 + cpu_step * (i % 10),
-                )
-            )
-        (directory / f"{f:02d}-vms.toml").write_text("".join(parts))
+    guest = {
+        "kernel": str(image.kernel),
+        "initrd": str(image.initrd),
+        "cmdline": image.cmdline,
+        "marker": image.ready_marker,
+    }
+    network = 'network = { mode = "none" }\n'
+    manifest_plan.write_manifest(directory, vms, cpu_step=cpu_step, guest=guest, network=network)
 
 
 def cli(agent: AgentProcess, *args: str) -> tuple[float, int, str]:

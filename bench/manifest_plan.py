@@ -38,11 +38,11 @@ VM = """
 name = "vm-{i:04d}"
 vcpus = {vcpus}
 memory_mib = {memory}
-kernel = "/root/.cache/stoker/guest/vmlinuz"
-initrd = "/root/.cache/stoker/guest/initrd.img"
-cmdline = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1"
-ready_marker = "STOKER-GUEST-READY"
-labels = {{ tier = "{tier}", rack = "r{rack}" }}
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+ready_marker = "{marker}"
+{network}labels = {{ tier = "{tier}", rack = "r{rack}" }}
 quota = {{ cpu_percent = {cpu} }}
 
 [[vm.schedules]]
@@ -54,8 +54,25 @@ action = "stop"
 cron = "0 18 * * *"
 """
 
+#: the test guest where ``stoker guest build`` puts it (planning alone never opens it)
+GUEST = {
+    "kernel": "/root/.cache/stoker/guest/vmlinuz",
+    "initrd": "/root/.cache/stoker/guest/initrd.img",
+    "cmdline": "console=ttyS0 quiet panic=-1 8250.nr_uarts=1",
+    "marker": "STOKER-GUEST-READY",
+}
 
-def write_manifest(directory: Path, vms: int, files: int = 4) -> None:
+
+def write_manifest(
+    directory: Path,
+    vms: int,
+    files: int = 4,
+    cpu_step: int = 10,
+    guest: dict[str, str] = GUEST,
+    network: str = "",
+) -> None:
+    """``vms`` VMs over ``files`` files, the defaults in the first; ``network`` is a line
+    such as ``network = { mode = "none" }\\n`` put into every VM (none: the default)."""
     per_file = -(-vms // files)
     for f in range(files):
         parts = [DEFAULTS] if f == 0 else []
@@ -65,9 +82,11 @@ def write_manifest(directory: Path, vms: int, files: int = 4) -> None:
                     i=i,
                     vcpus=1 + i % 2,
                     memory=128 * (1 + i % 4),
+                    **guest,
+                    network=network,
                     tier=("web", "db", "batch")[i % 3],
                     rack=i % 8,
-                    cpu=50 + 10 * (i % 10),
+                    cpu=50 + cpu_step * (i % 10),
                 )
             )
         (directory / f"{f:02d}-vms.toml").write_text("".join(parts))
